@@ -1,0 +1,103 @@
+"""The ``mint-ray`` command: one subcommand per stage.
+
+Every stage module exposes ``Config`` (its typed pydantic config), ``run(cfg)``
+and optionally ``CLI_FLAGS`` (``--flag`` -> dotted config key shortcuts). The
+same entry serves ``jobs/*.py`` for ``ray job submit``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from types import ModuleType
+from typing import Any
+
+from mint_ray.config import load_config
+from mint_ray.errors import MintError
+
+# subcommand words -> stage module. Modules are imported lazily: `mint-ray data
+# synth` must not pay for importing DeepSpeed.
+STAGES: dict[tuple[str, ...], str] = {
+    ("data", "synth"): "mint_ray.data.synth",
+    ("teacher", "train"): "mint_ray.teachers.train",
+    ("preferences",): "mint_ray.preferences.pipeline",
+    ("train",): "mint_ray.training.run",
+    ("evaluate",): "mint_ray.evaluation.run",
+    ("promote",): "mint_ray.evaluation.promote",
+    ("serve",): "mint_ray.serving_app.run",
+    ("demo",): "mint_ray.demo",
+}
+
+log = logging.getLogger("mint_ray")
+
+
+def _find_stage(words: list[str]) -> tuple[tuple[str, ...], list[str]]:
+    for key in sorted(STAGES, key=len, reverse=True):
+        if tuple(words[: len(key)]) == key:
+            return key, words[len(key):]
+    known = ", ".join(" ".join(k) for k in STAGES)
+    raise MintError(f"unknown command {' '.join(words[:2])!r}: choose one of {known}")
+
+
+def _flag_overrides(module: ModuleType, extra: list[str]) -> list[str]:
+    """Turn stage shortcut flags (``--out s3://x``, ``--overwrite``) into dotted overrides."""
+    flags: dict[str, str] = getattr(module, "CLI_FLAGS", {})
+    overrides = []
+    i = 0
+    while i < len(extra):
+        arg = extra[i]
+        name, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if name not in flags:
+            allowed = ", ".join(["--config", "--set", *(f"--{f}" for f in flags)])
+            raise MintError(f"unknown option {arg!r}: allowed options are {allowed}")
+        if not eq:
+            if i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+                value = extra[i + 1]
+                i += 1
+            else:
+                value = "true"
+        overrides.append(f"{flags[name]}={value}")
+        i += 1
+    return overrides
+
+
+def run_stage(argv: list[str]) -> dict[str, Any]:
+    """Parse ``argv`` (after the program name), load the stage config and run it."""
+    words = [a for a in argv if not a.startswith("-")][:2]
+    key, _ = _find_stage(words)
+    rest = list(argv)
+    for w in key:
+        rest.remove(w)
+    module = importlib.import_module(STAGES[key])
+    parser = argparse.ArgumentParser(prog=f"mint-ray {' '.join(key)}",
+                                     description=(module.__doc__ or "").strip().splitlines()[0])
+    parser.add_argument("--config", help="YAML recipe for this stage")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted override, e.g. --set storage.root=s3://bucket/prefix")
+    args, extra = parser.parse_known_args(rest)
+    cfg = load_config(module.Config, args.config, _flag_overrides(module, extra) + args.set)
+    return module.run(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: mint-ray <command> [--config RECIPE.yaml] [--set KEY=VALUE ...]\ncommands:")
+        for key, mod in STAGES.items():
+            print(f"  {' '.join(key):16s} ({mod})")
+        return 0
+    try:
+        summary = run_stage(argv)
+    except MintError as err:
+        print(f"mint-ray: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

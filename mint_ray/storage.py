@@ -1,0 +1,310 @@
+"""Tables and blobs at a URI: a local path or ``s3://bucket/prefix``.
+
+The only module that talks to a filesystem. S3 goes through pyarrow with the
+endpoint from ``AWS_ENDPOINT_URL``, so any S3-compatible store works.
+
+A *dataset* is a folder with a ``_manifest.json`` naming the files of its
+current version (``<uri>/v-<id>/...``). Writers fill a fresh version folder,
+then publish it by writing the manifest (one PUT, atomic on S3), then delete
+older versions. Readers only follow the manifest, so a crash mid-write never
+shows a half dataset, and a re-run replaces the data instead of adding to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from mint_ray.errors import StorageError
+
+MANIFEST = "_manifest.json"
+
+# Ceph's gateway (and other S3 stores) answer 411 to the AWS SDK's default
+# streaming checksums; "when_required" restores plain Content-Length uploads.
+os.environ.setdefault("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
+os.environ.setdefault("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_required")
+
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")
+
+
+def redact(message: str) -> str:
+    """Remove any credential held in the environment from ``message``."""
+    for name in _SECRET_ENV:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            message = message.replace(value, "***")
+    return re.sub(r"(?i)(secret[_-]?(access[_-]?)?key\s*[=:]\s*)\S+", r"\1***", message)
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI with '/' (also for local paths)."""
+    out = uri.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def _s3_filesystem() -> pafs.S3FileSystem:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    kwargs: dict[str, Any] = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
+    if endpoint:
+        scheme, _, rest = endpoint.partition("://")
+        kwargs.update(endpoint_override=rest or scheme, scheme=scheme if rest else "https")
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        kwargs.update(access_key=os.environ["AWS_ACCESS_KEY_ID"],
+                      secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY", ""),
+                      session_token=os.environ.get("AWS_SESSION_TOKEN"))
+    # Short timeouts and few retries: an unreachable endpoint must fail in
+    # seconds with a clear message, not hang a job.
+    return pafs.S3FileSystem(connect_timeout=5, request_timeout=60,
+                             retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+                             **kwargs)
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem for ``uri`` and the path inside it."""
+    if is_s3(uri):
+        return _s3_filesystem(), uri[len("s3://"):].rstrip("/")
+    if "://" in uri and not uri.startswith("file://"):
+        raise StorageError(f"unsupported URI scheme in {uri!r}: use a local path or s3://bucket/prefix")
+    path = uri[len("file://"):] if uri.startswith("file://") else uri
+    return pafs.LocalFileSystem(), str(Path(path).expanduser().absolute())
+
+
+def _explain(uri: str, err: Exception) -> StorageError:
+    text = str(err)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL", "the default AWS endpoint")
+    if "NETWORK_CONNECTION" in text or "Couldn't connect" in text or "curlCode: 7" in text:
+        hint = f"cannot reach the S3 endpoint {endpoint}: check AWS_ENDPOINT_URL and that the server is up"
+    elif "ACCESS_DENIED" in text or "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text:
+        hint = "S3 refused the credentials: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+    elif "NoSuchBucket" in text or "NO_SUCH_BUCKET" in text:
+        hint = f"bucket {bucket_of(uri)!r} does not exist: create it first"
+    else:
+        hint = text.splitlines()[0] if text else type(err).__name__
+    return StorageError(redact(f"{uri}: {hint}"))
+
+
+def bucket_of(uri: str) -> str:
+    return uri[len("s3://"):].split("/", 1)[0] if is_s3(uri) else ""
+
+
+def check_reachable(uri: str) -> None:
+    """Fail fast (before any work) if ``uri``'s store or bucket cannot be used."""
+    if not is_s3(uri):
+        return
+    fs, _ = filesystem(uri)
+    bucket = bucket_of(uri)
+    try:
+        info = fs.get_file_info(bucket)
+    except OSError as err:
+        raise _explain(uri, err) from None
+    if info.type == pafs.FileType.NotFound:
+        raise StorageError(f"{uri}: bucket {bucket!r} does not exist: create it first "
+                           "(or fix the bucket name in the URI)")
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    try:
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+    except OSError as err:
+        raise _explain(uri, err) from None
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    fs, path = filesystem(uri)
+    try:
+        parent = path.rsplit("/", 1)[0]
+        if not is_s3(uri):
+            fs.create_dir(parent, recursive=True)
+        with fs.open_output_stream(path) as out:
+            out.write(data)
+    except OSError as err:
+        raise _explain(uri, err) from None
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise StorageError(f"{uri}: no such file") from None
+    except OSError as err:
+        raise _explain(uri, err) from None
+
+
+def delete_tree(uri: str) -> None:
+    fs, path = filesystem(uri)
+    try:
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_dir(path)
+    except OSError as err:
+        raise _explain(uri, err) from None
+
+
+def list_files(uri: str) -> list[str]:
+    """Every file under ``uri`` as a full URI, sorted."""
+    fs, path = filesystem(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    except OSError as err:
+        raise _explain(uri, err) from None
+    prefix = "s3://" if is_s3(uri) else ""
+    return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File)
+
+
+# ---------------------------------------------------------------- datasets
+
+
+@dataclass
+class Manifest:
+    """What a committed dataset holds: the files of its current version and a hash."""
+
+    version: str
+    files: list[str]
+    num_rows: int
+    content_hash: str
+    created_at: float
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+
+def read_manifest(uri: str) -> Manifest | None:
+    """The committed manifest at ``uri``, or None when no complete dataset is there."""
+    if not exists(join(uri, MANIFEST)):
+        return None
+    data = json.loads(read_bytes(join(uri, MANIFEST)))
+    return Manifest(**data)
+
+
+def new_version_uri(uri: str) -> str:
+    """A fresh folder inside ``uri`` to write the next version into."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    return join(uri, f"v-{stamp}-{uuid.uuid4().hex[:8]}")
+
+
+def prepare_output(uri: str, overwrite: bool) -> str:
+    """Check ``uri`` may be written and return a fresh version folder for the writer.
+
+    A complete dataset already there is refused unless ``overwrite``.
+    """
+    check_reachable(uri)
+    if read_manifest(uri) is not None and not overwrite:
+        raise StorageError(f"{uri} already holds a complete dataset: pass --overwrite to replace it "
+                           "or choose another output URI")
+    return new_version_uri(uri)
+
+
+def _hash_files(files: list[str]) -> str:
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.rsplit("/", 1)[-1].encode())
+        digest.update(read_bytes(f))
+    return digest.hexdigest()
+
+
+def commit(uri: str, version_uri: str, meta: dict[str, Any] | None = None,
+           hash_suffixes: tuple[str, ...] = (".parquet",)) -> Manifest:
+    """Publish the Parquet files written under ``version_uri`` as the dataset at ``uri``.
+
+    Older versions are deleted only after the new manifest is in place.
+    """
+    files = [f for f in list_files(version_uri) if f.endswith(".parquet")]
+    num_rows = 0
+    for f in files:
+        fs, path = filesystem(f)
+        num_rows += pq.ParquetFile(fs.open_input_file(path)).metadata.num_rows
+    manifest = Manifest(version=version_uri.rsplit("/", 1)[-1], files=files, num_rows=num_rows,
+                        content_hash=_hash_files([f for f in files if f.endswith(hash_suffixes)]),
+                        created_at=time.time(), meta=meta or {})
+    write_bytes(join(uri, MANIFEST), manifest.to_json().encode())
+    for old in _version_dirs(uri):
+        if old.rstrip("/").rsplit("/", 1)[-1] != manifest.version:
+            delete_tree(old)
+    return manifest
+
+
+def abort(version_uri: str) -> None:
+    """Remove an unpublished version folder (after a failed write)."""
+    delete_tree(version_uri)
+
+
+def _version_dirs(uri: str) -> list[str]:
+    fs, path = filesystem(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    except OSError as err:
+        raise _explain(uri, err) from None
+    prefix = "s3://" if is_s3(uri) else ""
+    return [prefix + i.path for i in infos
+            if i.type == pafs.FileType.Directory and i.path.rsplit("/", 1)[-1].startswith("v-")]
+
+
+def write_table(version_uri: str, table: pa.Table, name: str = "part-00000.parquet") -> str:
+    """Write one Parquet file into a version folder; returns its URI."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    target = join(version_uri, name)
+    write_bytes(target, buf.getvalue())
+    return target
+
+
+def write_dataset(uri: str, table: pa.Table, *, overwrite: bool = False,
+                  meta: dict[str, Any] | None = None) -> Manifest:
+    """Write ``table`` as the complete dataset at ``uri`` (refuses to replace unless overwrite)."""
+    version = prepare_output(uri, overwrite)
+    try:
+        write_table(version, table)
+        return commit(uri, version, meta)
+    except BaseException:
+        abort(version)
+        raise
+
+
+def require_manifest(uri: str) -> Manifest:
+    manifest = read_manifest(uri)
+    if manifest is None:
+        check_reachable(uri)
+        raise StorageError(f"{uri}: no complete dataset here (no {MANIFEST}); "
+                           "write it first or check the URI")
+    return manifest
+
+
+def read_dataset(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """Read the committed dataset at ``uri`` into one table."""
+    manifest = require_manifest(uri)
+    tables = []
+    for f in manifest.files:
+        fs, path = filesystem(f)
+        try:
+            tables.append(pq.read_table(path, filesystem=fs, columns=columns))
+        except OSError as err:
+            raise _explain(f, err) from None
+    return pa.concat_tables(tables) if tables else pa.table({})
+
+
+def iter_batches(uri: str, batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
+    for f in require_manifest(uri).files:
+        fs, path = filesystem(f)
+        yield from pq.ParquetFile(fs.open_input_file(path)).iter_batches(batch_size=batch_size)

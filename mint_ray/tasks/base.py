@@ -1,0 +1,136 @@
+"""What a task is: its labels, the student's prompt, the answer format and its parser.
+
+The preference builder writes answers with ``format_answer``, the trainer
+tokenizes ``messages``, the evaluator and the server read answers back with
+``parse_answer``. There is exactly one copy of each.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+# "1. 'Name'", "1) Name", "**1.** Name", "- 1: Name" ...
+_NUMBERED = re.compile(r"^\s*[-*•]*\s*\**\s*(\d{1,3})\s*[.):\]]\**\s*(.+?)\s*$")
+_QUOTES = "'\"`‘’“”*_"
+
+
+@dataclass(frozen=True)
+class ParsedAnswer:
+    """A parsed numbered list. ``parseable`` means the header and at least one item."""
+
+    items: list[str]
+    header_found: bool
+
+    @property
+    def parseable(self) -> bool:
+        return self.header_found and bool(self.items)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task's contract. ``labels`` may be filled from a cohort (rare diseases)."""
+
+    name: str
+    modality: Literal["text", "image"]
+    header: str
+    n_answers: int
+    item_noun: str
+    system_prompt: str
+    instruction: str
+    quote_items: bool
+    labels: tuple[str, ...] = field(default_factory=tuple)
+
+    def with_labels(self, labels: list[str] | tuple[str, ...]) -> Task:
+        return replace(self, labels=tuple(labels))
+
+    # ---- prompt -----------------------------------------------------------
+    def user_text(self, note: str | None = None, candidates: list[str] | None = None,
+                  n_answers: int | None = None) -> str:
+        """The user turn's text. Text tasks put the note first; image tasks list candidates."""
+        n = n_answers or self.n_answers
+        parts = []
+        if self.modality == "text":
+            parts.append(f"Clinical note:\n{(note or '').strip()}")
+        if candidates:
+            parts.append("Candidates: " + ", ".join(candidates) + ".")
+        parts.append(self.instruction.format(n=n, header=self.header))
+        return "\n\n".join(parts)
+
+    def prompt_messages(self, note: str | None = None, candidates: list[str] | None = None,
+                        n_answers: int | None = None) -> list[dict[str, Any]]:
+        """System + user messages in TRL's conversational format.
+
+        Image tasks use the multimodal content form (an image placeholder part
+        followed by a text part), as TRL and HF processors expect.
+        """
+        text = self.user_text(note, candidates, n_answers)
+        if self.modality == "image":
+            user_content: Any = [{"type": "image", "text": None}, {"type": "text", "text": text}]
+            system_content: Any = [{"type": "text", "text": self.system_prompt}]
+        else:
+            user_content, system_content = text, self.system_prompt
+        return [{"role": "system", "content": system_content},
+                {"role": "user", "content": user_content}]
+
+    # ---- answer -----------------------------------------------------------
+    def format_answer(self, labels: list[str]) -> str:
+        """The exact answer text for a ranked list of labels."""
+        lines = [self.header]
+        for i, label in enumerate(labels, start=1):
+            lines.append(f"{i}. '{label}'" if self.quote_items else f"{i}. {label}")
+        return "\n".join(lines)
+
+    def answer_message(self, labels: list[str]) -> list[dict[str, Any]]:
+        content: Any = self.format_answer(labels)
+        if self.modality == "image":
+            content = [{"type": "text", "text": content}]
+        return [{"role": "assistant", "content": content}]
+
+    def parse_answer(self, text: str) -> ParsedAnswer:
+        """Read a numbered list back, tolerating extra prose, missing quotes and markdown.
+
+        Items are taken from the lines after the header (or from the whole text
+        when the header is missing, flagged by ``header_found``); numbering
+        restarts end the list, so a second list in trailing prose is ignored.
+        """
+        lines = text.splitlines()
+        start = 0
+        header_found = False
+        key = self.header.rstrip(":").lower()
+        for i, line in enumerate(lines):
+            if key in line.lower():
+                header_found = True
+                start = i + 1
+                # Header and first item on one line: "POTENTIAL_DISEASES: 1. 'X'".
+                rest = line.lower().split(key, 1)[1].lstrip(": ")
+                if rest:
+                    lines = [*lines[: i + 1], line[len(line) - len(rest):], *lines[i + 1:]]
+                break
+        items: list[str] = []
+        expected = 1
+        for line in lines[start:]:
+            m = _NUMBERED.match(line)
+            if not m:
+                continue
+            number = int(m.group(1))
+            if items and number <= expected - 1:
+                break
+            name = _clean_item(m.group(2))
+            if name:
+                items.append(name)
+            expected = number + 1
+        return ParsedAnswer(items=items, header_found=header_found)
+
+
+def _clean_item(raw: str) -> str:
+    """Strip quotes, markdown and trailing explanations ("X - because ...")."""
+    item = raw.strip().strip(_QUOTES).strip()
+    # A quoted name followed by prose: keep the quoted part.
+    m = re.match(r"^['\"‘“](.+?)['\"’”]", raw.strip())
+    if m:
+        item = m.group(1).strip()
+    else:
+        item = re.split(r"\s+[-–—:]\s+|\s+\(", item, maxsplit=1)[0]
+    return item.strip().strip(_QUOTES).rstrip(".,;").strip()
