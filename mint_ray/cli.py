@@ -27,7 +27,8 @@ STAGES: dict[tuple[str, ...], str] = {
     ("train",): "mint_ray.training.run",
     ("evaluate",): "mint_ray.evaluation.run",
     ("promote",): "mint_ray.evaluation.promote",
-    ("serve",): "mint_ray.serving_app.run",
+    ("compare",): "mint_ray.evaluation.compare",
+    ("serve",): "mint_ray.serving_app",
     ("demo",): "mint_ray.demo",
 }
 

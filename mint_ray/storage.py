@@ -308,3 +308,12 @@ def iter_batches(uri: str, batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
     for f in require_manifest(uri).files:
         fs, path = filesystem(f)
         yield from pq.ParquetFile(fs.open_input_file(path)).iter_batches(batch_size=batch_size)
+
+
+def read_dataset_schema(uri: str) -> pa.Schema:
+    """The schema of a committed dataset (from its first file's footer, no data read)."""
+    manifest = require_manifest(uri)
+    if not manifest.files:
+        return pa.schema([])
+    fs, path = filesystem(manifest.files[0])
+    return pq.read_schema(fs.open_input_file(path))

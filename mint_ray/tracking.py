@@ -78,6 +78,15 @@ class StageRun:
     def run_id(self) -> str | None:
         return self._run.info.run_id if self._run else None
 
+    @property
+    def tracking_uri(self) -> str | None:
+        """Where the run lives, for processes (Ray workers) that log into it."""
+        if not self._run:
+            return None
+        import mlflow
+
+        return mlflow.get_tracking_uri()
+
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self._run:
             import mlflow

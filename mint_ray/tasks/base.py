@@ -14,6 +14,13 @@ from typing import Any, Literal
 # "1. 'Name'", "1) Name", "**1.** Name", "- 1: Name" ...
 _NUMBERED = re.compile(r"^\s*[-*•]*\s*\**\s*(\d{1,3})\s*[.):\]]\**\s*(.+?)\s*$")
 _QUOTES = "'\"`‘’“”*_"
+# A quoted name, closed by a quote that ends the word: "'Wilson's disease'" keeps the
+# apostrophe (an inner quote followed by a letter does not close the name).
+_QUOTED = re.compile(r"^['\"‘“](.+?)['\"’”](?![^\W_])")
+# Where an unquoted name's explanation starts: "X - because", "X: ...", "X (gene)".
+_EXPLANATION = re.compile(r"\s+[-–—:]\s+|:\s+|\s+\(")
+# Where a one-line list ("1. 'A' 2. 'B' 3. 'C'") breaks into its items.
+_INLINE_BREAK = re.compile(r"\s+(?=\d{1,3}\s*[.)]\s)")
 
 
 @dataclass(frozen=True)
@@ -110,8 +117,8 @@ class Task:
                 break
         items: list[str] = []
         expected = 1
-        for line in lines[start:]:
-            m = _NUMBERED.match(line)
+        for piece in (p for line in lines[start:] for p in _split_inline(line)):
+            m = _NUMBERED.match(piece)
             if not m:
                 continue
             number = int(m.group(1))
@@ -124,13 +131,23 @@ class Task:
         return ParsedAnswer(items=items, header_found=header_found)
 
 
+def _split_inline(line: str) -> list[str]:
+    """Split "1. A 2. B 3. C" into its items when the numbers run on consecutively.
+
+    Anything else stays one line, so a number inside a name ("type 1. ...") never
+    splits it.
+    """
+    pieces = _INLINE_BREAK.split(line)
+    numbers = [int(m.group(1)) for piece in pieces if (m := _NUMBERED.match(piece))]
+    runs_on = len(numbers) == len(pieces) and all(
+        n == numbers[0] + i for i, n in enumerate(numbers))
+    return pieces if runs_on else [line]
+
+
 def _clean_item(raw: str) -> str:
-    """Strip quotes, markdown and trailing explanations ("X - because ...")."""
+    """Strip quotes, markdown and trailing explanations ("X - because ...", "X: ...")."""
     item = raw.strip().strip(_QUOTES).strip()
     # A quoted name followed by prose: keep the quoted part.
-    m = re.match(r"^['\"‘“](.+?)['\"’”]", raw.strip())
-    if m:
-        item = m.group(1).strip()
-    else:
-        item = re.split(r"\s+[-–—:]\s+|\s+\(", item, maxsplit=1)[0]
+    m = _QUOTED.match(raw.strip())
+    item = m.group(1).strip() if m else _EXPLANATION.split(item, maxsplit=1)[0]
     return item.strip().strip(_QUOTES).rstrip(".,;").strip()

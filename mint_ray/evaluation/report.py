@@ -1,0 +1,308 @@
+"""The comparison report across arms (base, SFT, DPO, ORPO, teacher...).
+
+Input: one record per generation, a mapping with ``arm``, ``sample_id``,
+``label`` (the truth, ``;``-separated synonyms allowed), ``generation`` (the
+raw text) and, for CAR, ``teacher_top`` / ``teacher_bottom`` (the teacher's
+top-5 and bottom-5 lists). Output: the files of one report, rendered in memory
+(``render_report``) and then stored by ``write_report`` through ``storage``:
+
+- ``report.md``      the metrics table with intervals, the chart, the per-label table;
+- ``metrics.csv``    one row per arm: every metric with ``_ci_low`` / ``_ci_high``;
+- ``per_label.csv``  one row per (label, arm);
+- ``accuracy.png``   grouped bars with bootstrap error bars;
+- ``generations.jsonl`` every raw generation with its parse and score, the
+  unparseable ones included;
+- ``summary.json``   ``{arm: ArmSummary.as_dict()}``, for a stage's summary / MLflow.
+
+Everything except ``write_report`` is pure.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from mint_ray import storage
+from mint_ray.errors import MintError
+from mint_ray.metrics import (
+    THRESHOLD,
+    ArmSummary,
+    CaseScore,
+    aggregate,
+    k_values,
+    score_case,
+    summarise_arm,
+)
+from mint_ray.tasks.base import Task
+
+REQUIRED_FIELDS = ("arm", "sample_id", "label", "generation")
+# Column order of the tables; metrics absent from every arm are left out.
+METRIC_ORDER = ("top1", "top5", "top10", "mrr", "car", "coverage", "avoidance", "parseable")
+
+
+@dataclass(frozen=True)
+class ScoredRecord:
+    """A generation with its parsed items and its score."""
+
+    arm: str
+    sample_id: str
+    label: str
+    generation: str
+    items: list[str]
+    score: CaseScore
+
+
+def _teacher_list(record: Mapping[str, Any], key: str) -> list[str] | None:
+    value = record.get(key)
+    return None if value is None else [str(v) for v in value]
+
+
+def score_records(task: Task, records: Iterable[Mapping[str, Any]],
+                  threshold: float = THRESHOLD) -> list[ScoredRecord]:
+    """Parse and score every record; bad records are a ``MintError`` naming the field."""
+    scored: list[ScoredRecord] = []
+    seen: set[tuple[str, str]] = set()
+    for i, record in enumerate(records):
+        missing = [f for f in REQUIRED_FIELDS if f not in record]
+        if missing:
+            raise MintError(f"record {i} lacks {', '.join(missing)}: every record needs "
+                            f"{', '.join(REQUIRED_FIELDS)} (teacher_top/teacher_bottom for CAR)")
+        arm, sample_id, label = str(record["arm"]), str(record["sample_id"]), str(record["label"])
+        if not label.strip():
+            raise MintError(f"record {i} (arm {arm!r}, sample {sample_id!r}) has an empty "
+                            "label: give the true name (synonyms separated by ';')")
+        if (arm, sample_id) in seen:
+            raise MintError(f"arm {arm!r} has sample {sample_id!r} twice: give one generation "
+                            "per arm and sample_id")
+        seen.add((arm, sample_id))
+        # A failed generation (None) is kept as an empty answer: a miss, not a gap.
+        generation = record["generation"] or ""
+        score = score_case(task, generation, label, _teacher_list(record, "teacher_top"),
+                           _teacher_list(record, "teacher_bottom"), threshold)
+        items = task.parse_answer(generation).items
+        scored.append(ScoredRecord(arm, sample_id, label, generation, items, score))
+    return scored
+
+
+def _by_arm(scored: Sequence[ScoredRecord]) -> dict[str, list[ScoredRecord]]:
+    """Records grouped by arm, arms in first-seen order (the order the caller chose)."""
+    groups: dict[str, list[ScoredRecord]] = {}
+    for record in scored:
+        groups.setdefault(record.arm, []).append(record)
+    return groups
+
+
+def summarise_arms(task: Task, scored: Sequence[ScoredRecord], n_resamples: int = 1000,
+                   seed: int = 0, alpha: float = 0.05) -> list[ArmSummary]:
+    """One ``ArmSummary`` (metrics with bootstrap intervals) per arm, in first-seen order."""
+    return [summarise_arm(task, [r.score for r in records], arm, n_resamples, seed, alpha)
+            for arm, records in _by_arm(scored).items()]
+
+
+def _metric_names(present: Iterable[str]) -> list[str]:
+    present = set(present)
+    return [m for m in METRIC_ORDER if m in present]
+
+
+def metrics_table(summaries: Sequence[ArmSummary]) -> pa.Table:
+    """One row per arm: ``arm, n, n_parseable, n_unparseable`` then each metric with its CI."""
+    names = _metric_names(m for s in summaries for m in s.metrics)
+    columns: dict[str, list[Any]] = {
+        "arm": [s.arm for s in summaries], "n": [s.n for s in summaries],
+        "n_parseable": [s.n_parseable for s in summaries],
+        "n_unparseable": [s.n_unparseable for s in summaries]}
+    for name in names:
+        for suffix, attr in (("", "value"), ("_ci_low", "low"), ("_ci_high", "high")):
+            columns[name + suffix] = [getattr(s.metrics[name], attr) if name in s.metrics
+                                      else None for s in summaries]
+    return pa.table(columns)
+
+
+def per_label_table(task: Task, scored: Sequence[ScoredRecord]) -> pa.Table:
+    """One row per (label, arm): counts and the mean of every metric (no intervals: n is tiny)."""
+    arms = list(_by_arm(scored))
+    groups: dict[tuple[str, str], list[CaseScore]] = {}
+    for r in scored:
+        groups.setdefault((r.label, r.arm), []).append(r.score)
+    keys = sorted(groups, key=lambda key: (key[0].lower(), arms.index(key[1])))
+    means = [aggregate(groups[key], k_values(task)) for key in keys]
+    columns: dict[str, list[Any]] = {
+        "label": [label for label, _ in keys], "arm": [arm for _, arm in keys],
+        "n": [len(groups[key]) for key in keys],
+        "n_parseable": [sum(s.parseable for s in groups[key]) for key in keys]}
+    for name in _metric_names(m for row in means for m in row):
+        columns[name] = [row.get(name) for row in means]
+    return pa.table(columns)
+
+
+def to_csv(table: pa.Table) -> str:
+    buffer = io.BytesIO()
+    pacsv.write_csv(table, buffer)
+    return buffer.getvalue().decode()
+
+
+def _cell(value: Any, digits: int) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _markdown(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def to_markdown(table: pa.Table, digits: int = 3) -> str:
+    """Any table as a GitHub Markdown table; floats rounded, nulls shown as n/a."""
+    return _markdown(table.column_names,
+                     ([_cell(v, digits) for v in row.values()] for row in table.to_pylist()))
+
+
+def metrics_markdown(summaries: Sequence[ArmSummary], digits: int = 3) -> str:
+    """The metrics table with each cell as ``value [low, high]``."""
+    names = _metric_names(m for s in summaries for m in s.metrics)
+
+    def cell(summary: ArmSummary, name: str) -> str:
+        est = summary.metrics.get(name)
+        if est is None:
+            return "n/a"
+        return f"{est.value:.{digits}f} [{est.low:.{digits}f}, {est.high:.{digits}f}]"
+
+    return _markdown(["arm", "n", "unparseable", *names],
+                     ([_cell(s.arm, digits), str(s.n), str(s.n_unparseable),
+                       *(cell(s, name) for name in names)] for s in summaries))
+
+
+def bar_chart_png(summaries: Sequence[ArmSummary], title: str) -> bytes:
+    """Grouped bars (one group per metric, one bar per arm) with the CIs as error bars.
+
+    Drawn on a bare ``Figure`` with the Agg canvas, so no pyplot global state or
+    display is involved. Only metrics every arm has are drawn; MRR, coverage and
+    avoidance stay in the tables.
+    """
+    names = [m for m in _metric_names(m for s in summaries for m in s.metrics)
+             if m not in ("mrr", "coverage", "avoidance")
+             and all(m in s.metrics for s in summaries)]
+    # Wide enough for every bar plus the legend on the right.
+    fig = Figure(figsize=(3.0 + len(names) * (0.6 + 0.4 * len(summaries)), 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    x = np.arange(len(names))
+    width = 0.8 / max(1, len(summaries))
+    for i, summary in enumerate(summaries):
+        est = [summary.metrics[name] for name in names]
+        values = np.array([e.value for e in est])
+        # Clip at 0: a percentile interval need not contain the point estimate exactly.
+        yerr = np.array([[max(0.0, e.value - e.low) for e in est],
+                         [max(0.0, e.high - e.value) for e in est]])
+        positions = x + (i - (len(summaries) - 1) / 2) * width
+        ax.bar(positions, values, width, yerr=yerr, capsize=3,
+               label=f"{summary.arm} (n={summary.n})")
+        for xi, e in zip(positions, est, strict=True):
+            # Above the error bar, so the value stays readable.
+            ax.text(xi, max(e.value, e.high) + 0.02, f"{e.value:.2f}", ha="center", fontsize=7)
+    ax.set_xticks(x, names)
+    ax.set_ylim(0, 1.15)
+    ax.set_ylabel("score")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    return buffer.getvalue()
+
+
+def generations_jsonl(scored: Sequence[ScoredRecord]) -> str:
+    """Every raw generation with its parse and score, one JSON object a line."""
+    lines = []
+    for r in scored:
+        s = r.score
+        lines.append(json.dumps({
+            "arm": r.arm, "sample_id": r.sample_id, "label": r.label,
+            "generation": r.generation, "items": r.items, "parseable": s.parseable,
+            "rank": s.rank, "n_items": s.n_items, "car": s.car, "coverage": s.c,
+            "avoidance": s.a}, ensure_ascii=False))
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def _sample_set_note(scored: Sequence[ScoredRecord]) -> str:
+    """A warning when arms were scored on different cases (their metrics do not compare)."""
+    ids = {arm: {r.sample_id for r in records} for arm, records in _by_arm(scored).items()}
+    common = set.intersection(*ids.values()) if ids else set()
+    differing = [f"{arm} ({len(s - common)} extra)" for arm, s in ids.items() if s != common]
+    if not differing:
+        return ""
+    return (f"**Warning:** the arms were scored on different cases ({len(common)} shared; "
+            f"{', '.join(differing)}): compare their metrics with care.\n\n")
+
+
+def summary_dict(summaries: Sequence[ArmSummary]) -> dict[str, dict[str, float | int | str]]:
+    """``{arm: ArmSummary.as_dict()}``: JSON-able, for a stage's summary or MLflow metrics."""
+    return {s.arm: s.as_dict() for s in summaries}
+
+
+@dataclass(frozen=True)
+class Report:
+    """A rendered report: its summaries and its files (name -> content)."""
+
+    summaries: list[ArmSummary]
+    files: dict[str, bytes]
+
+
+def render_report(task: Task, records: Iterable[Mapping[str, Any]], *, title: str | None = None,
+                  n_resamples: int = 1000, seed: int = 0, alpha: float = 0.05,
+                  threshold: float = THRESHOLD) -> Report:
+    """Score ``records`` and render every file of the report in memory."""
+    scored = score_records(task, records, threshold)
+    if not scored:
+        raise MintError("no generations to report on: the evaluation wrote no records")
+    summaries = summarise_arms(task, scored, n_resamples, seed, alpha)
+    title = title or f"{task.name}: comparison of {len(summaries)} arms"
+    level = f"{100 * (1 - alpha):g}%"
+    metrics = metrics_table(summaries)
+    per_label = per_label_table(task, scored)
+    markdown = (
+        f"# {title}\n\n"
+        f"Task `{task.name}`; top-k over the first {task.n_answers} answers. A prediction "
+        f"matches when its SequenceMatcher ratio to the (normalised) truth or one of its "
+        f"`;`-separated synonyms is >= {threshold}. Unparseable answers count as misses "
+        f"(column `unparseable`). Intervals: {level} percentile bootstrap over cases, "
+        f"{n_resamples} resamples, seed {seed}.\n\n"
+        + _sample_set_note(scored)
+        + "## Metrics\n\n" + metrics_markdown(summaries)
+        + "\n![metrics by arm](accuracy.png)\n\n"
+        + "## Per label\n\n" + to_markdown(per_label)
+        + "\nFiles: `metrics.csv`, `per_label.csv`, `generations.jsonl` (every raw "
+        "generation with its parse and score), `summary.json`.\n"
+    )
+    files = {
+        "report.md": markdown.encode(),
+        "metrics.csv": to_csv(metrics).encode(),
+        "per_label.csv": to_csv(per_label).encode(),
+        "accuracy.png": bar_chart_png(summaries, f"{task.name}: {level} bootstrap CI"),
+        "generations.jsonl": generations_jsonl(scored).encode(),
+        "summary.json": json.dumps(summary_dict(summaries), indent=2).encode(),
+    }
+    return Report(summaries=summaries, files=files)
+
+
+def write_report(report: Report, out_uri: str) -> list[str]:
+    """Store the report's files under ``out_uri`` (a local folder or s3://...); their URIs."""
+    uris = []
+    for name, data in report.files.items():
+        uri = storage.join(out_uri, name)
+        storage.write_bytes(uri, data)
+        uris.append(uri)
+    return uris

@@ -1,0 +1,123 @@
+"""The typed config of the student-training stage."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from mint_ray.config import RayConfig, StorageConfig, StrictModel, TrackingConfig
+from mint_ray.training.batching import BatchingConfig
+from mint_ray.training.deepspeed_config import DeepSpeedConfig, OptimConfig
+from mint_ray.training.students import LoraConfig, StudentKind, TinyStudentConfig
+
+Objective = Literal["orpo", "dpo", "simpo", "sft"]
+
+
+class StudentConfig(StrictModel):
+    """Where the student comes from: a checkpoint directory, or a tiny model built here."""
+
+    kind: StudentKind = "causal_lm"
+    # HF directory (local or s3://), e.g. a copy of meta-llama/Llama-3.2-3B-Instruct.
+    path: str | None = None
+    tiny: TinyStudentConfig | None = None
+    lora: LoraConfig = LoraConfig()
+    freeze_vision: bool = True
+    # DPO's frozen reference. Under LoRA, None means the base weights (adapter
+    # switched off); full fine-tuning must name a checkpoint here. The paper's
+    # DPO starts from SFT: set ``path`` to the SFT run's exported model (merged),
+    # which is then both the starting point and the reference.
+    reference_path: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> StudentConfig:
+        if (self.path is None) == (self.tiny is None):
+            raise ValueError("set exactly one of model.path (a checkpoint) or model.tiny (build one)")
+        return self
+
+
+class LossConfig(StrictModel):
+    beta: float = Field(0.1, gt=0)  # ORPO lambda / DPO beta (paper: 0.1)
+    # TRL's ORPO NLL covers the whole chosen sequence (prompt included); "response"
+    # is the completion-only alternative. The value used is logged with the run.
+    nll_over: Literal["sequence", "response"] = "sequence"
+    # SimPO works on a different scale than ORPO/DPO (its paper: beta 2.0, gamma 0.5).
+    simpo_beta: float = Field(2.0, gt=0)
+    simpo_gamma: float = 0.5
+    # The SFT baseline trains on the chosen answer only (TRL's completion-only loss).
+    sft_nll_over: Literal["sequence", "response"] = "response"
+    dpo_label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    # Forward [prompt | chosen | rejected] once instead of the prompt twice.
+    packed: bool = True
+
+
+class DataConfig(StrictModel):
+    uri: str  # a preference dataset (local or s3://) written by `mint-ray preferences`
+
+
+class ScalingConfig(StrictModel):
+    """One worker per GPU (or CPU slot). ``placement_strategy`` SPREAD puts workers
+    on different nodes where it can; PACK fills a node first (fewer hops for NCCL)."""
+
+    num_workers: int = Field(2, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+
+class CheckpointConfig(StrictModel):
+    every_n_steps: int = Field(50, gt=0)
+    num_to_keep: int = Field(2, gt=0)
+    max_failures: int = Field(1, ge=-1)
+    # A checkpoint URI from an earlier run to continue from (resume on request).
+    resume_from: str | None = None
+
+
+class RegistryConfig(StrictModel):
+    enabled: bool = True
+    name: str | None = None  # default: mint-<task>-<objective>
+
+
+class Config(StrictModel):
+    task: Literal["rare_disease", "tissue_type"]
+    objective: Objective = "orpo"
+    run_name: str | None = None
+    data: DataConfig
+    batching: BatchingConfig = BatchingConfig()
+    model: StudentConfig = StudentConfig(tiny=TinyStudentConfig())
+    optim: OptimConfig = OptimConfig()
+    loss: LossConfig = LossConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log_every_n_steps: int = Field(1, gt=0)
+    output_uri: str | None = None  # default: <storage.root>/students/<run name>
+    registry: RegistryConfig = RegistryConfig()
+    storage: StorageConfig = StorageConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.task == "tissue_type" and self.model.kind != "mllama":
+            raise ValueError("task tissue_type is image-only: set model.kind=mllama")
+        if self.task == "rare_disease" and self.model.kind == "mllama":
+            raise ValueError("task rare_disease is text-only: set model.kind=causal_lm")
+        if self.objective == "dpo" and not self.model.lora.enabled and self.model.reference_path is None:
+            # Full fine-tuning leaves no frozen copy of the base: a second (sharded)
+            # model must be named explicitly, since it doubles parameter memory.
+            raise ValueError("objective dpo with full fine-tuning needs model.reference_path "
+                             "(a frozen reference checkpoint), or enable model.lora")
+        opt = self.optim
+        if opt.global_batch_size is not None:
+            per_step = opt.micro_batch_size * opt.gradient_accumulation_steps * self.scaling.num_workers
+            if opt.global_batch_size != per_step:
+                raise ValueError(
+                    f"optim.global_batch_size={opt.global_batch_size} does not equal "
+                    f"micro_batch_size*gradient_accumulation_steps*num_workers={per_step}: "
+                    "adjust one of them")
+        return self
+
+    @property
+    def name(self) -> str:
+        return self.run_name or f"{self.task}-{self.objective}"

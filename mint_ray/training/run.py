@@ -1,0 +1,145 @@
+"""Train a student (ORPO / DPO / SimPO / SFT) with Ray Train + DeepSpeed.
+
+Driver side: check the config against the data and the model before any
+worker starts, build the tiny base model when asked, launch ``TorchTrainer``
+with one worker per GPU (or CPU slot), then log and register the consolidated
+model in MLflow.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from typing import Any
+
+from mint_ray import storage, tracking
+from mint_ray.errors import ConfigError, MintError
+from mint_ray.ray_cluster import init_ray
+from mint_ray.registry import download_dir, log_student, read_model_metadata, upload_dir
+from mint_ray.tasks import get_task
+from mint_ray.training import students
+from mint_ray.training.config import Config
+
+CLI_FLAGS = {"task": "task", "objective": "objective", "data": "data.uri", "out": "output_uri",
+             "workers": "scaling.num_workers", "max-steps": "optim.max_steps"}
+
+
+def preflight(cfg: Config) -> storage.Manifest:
+    """Fail before any worker starts on configs that cannot work with this data/model."""
+    manifest = storage.require_manifest(cfg.data.uri)
+    meta = manifest.meta
+    if meta.get("task") and meta["task"] != cfg.task:
+        raise ConfigError(f"task mismatch: data.uri holds {meta['task']} pairs but task={cfg.task}")
+    schema = storage.read_dataset_schema(cfg.data.uri)
+    if cfg.model.kind == "mllama" and "image_uri" not in schema.names:
+        raise ConfigError("model.kind=mllama needs images but data.uri has no image_uri column "
+                          "(a text-only preference set): use model.kind=causal_lm")
+    return manifest
+
+
+def check_model(cfg: Config, base_uri: str) -> None:
+    """Config checks that need the student's module tree (built on the meta device: no weights)."""
+    if cfg.model.lora.enabled:
+        students.lora_target_modules(students.meta_model(_config_dir(base_uri), cfg.model.kind),
+                                     cfg.model.lora, cfg.model.kind)
+
+
+def _config_dir(path: str) -> str:
+    """A local dir with the model's config.json (fetched alone from S3)."""
+    if not storage.is_s3(path):
+        return path
+    tmp = tempfile.mkdtemp(prefix="mint-config-")
+    with open(f"{tmp}/config.json", "wb") as f:
+        f.write(storage.read_bytes(storage.join(path, "config.json")))
+    return tmp
+
+
+def build_tiny_base(cfg: Config, out_uri: str) -> str:
+    """Build the tiny student from the preference texts and store it at ``out_uri``."""
+    task = get_task(cfg.task)
+    table = storage.read_dataset(cfg.data.uri, columns=["prompt", "chosen", "rejected"])
+    texts = [task.system_prompt, task.instruction, *(task.labels or ())]
+    for row in table.to_pylist():
+        for message in [*row["prompt"], *row["chosen"], *row["rejected"]]:
+            content = message["content"]
+            texts.append(content if isinstance(content, str)
+                         else " ".join(p.get("text") or "" for p in content))
+    with tempfile.TemporaryDirectory() as tmp:
+        students.build_tiny_student(cfg.model.kind, texts, tmp, cfg.model.tiny)
+        upload_dir(tmp, out_uri)
+    return out_uri
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from mint_ray.training.worker import train_loop
+
+    t0 = time.time()
+    manifest = preflight(cfg)
+    output_uri = cfg.output_uri or storage.join(cfg.storage.root, "students", cfg.name)
+    model_uri = storage.join(output_uri, "model")
+    if storage.exists(storage.join(model_uri, "config.json")) and not cfg.storage.overwrite:
+        raise MintError(f"{model_uri} already holds a trained model: pass --set storage.overwrite=true "
+                        "or choose another output_uri")
+    init_ray(cfg.ray)
+    base_uri = cfg.model.path or build_tiny_base(cfg, storage.join(output_uri, "base"))
+    check_model(cfg, base_uri)
+    base_name = cfg.model.path or f"tiny-{cfg.model.kind}"
+    metadata = {"task": cfg.task, "kind": cfg.model.kind, "objective": cfg.objective,
+                "base_model": base_name, "data_uri": cfg.data.uri,
+                "data_content_hash": manifest.content_hash,
+                "teacher": manifest.meta.get("teacher", {}),
+                "nll_over": cfg.loss.sft_nll_over if cfg.objective == "sft" else cfg.loss.nll_over,
+                "lora": cfg.model.lora.model_dump(), "merged": True,
+                "code_version": tracking.code_version()}
+    with tracking.stage_run(cfg.tracking, "train", cfg, cfg.storage.root, run_name=cfg.name) as run_:
+        run_.set_lineage("data", cfg.data.uri, manifest)
+        run_.set_tags({"mint.objective": cfg.objective, "mint.base_model": base_name,
+                       "mint.teacher": str(manifest.meta.get("teacher", {}).get("name", "")),
+                       "mint.teacher_version": str(manifest.meta.get("teacher", {}).get("version", "")),
+                       "mint.nll_over": cfg.loss.nll_over})
+        loop_config = {"config": cfg.model_dump(mode="json"), "base_uri": base_uri,
+                       "model_uri": model_uri, "metadata": metadata, "run_id": run_.run_id,
+                       "tracking_uri": run_.tracking_uri}
+        storage_path, storage_fs = _run_storage(output_uri)
+        trainer = TorchTrainer(
+            train_loop, train_loop_config=loop_config,
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                placement_strategy=cfg.scaling.placement_strategy,
+                resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
+                                      **({"GPU": 1} if cfg.scaling.use_gpu else {})}),
+            run_config=ray.train.RunConfig(
+                name="checkpoints", storage_path=storage_path, storage_filesystem=storage_fs,
+                failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep)))
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+        with tempfile.TemporaryDirectory() as tmp:
+            local = download_dir(model_uri, tmp)
+            training = read_model_metadata(local)["training"]
+            run_.log_dict(training, "training_summary.json")
+            registered = {}
+            if run_.run_id:
+                name = (cfg.registry.name or f"mint-{cfg.task}-{cfg.objective}") if cfg.registry.enabled else None
+                registered = log_student(local, name, {
+                    "data.uri": cfg.data.uri, "data.content_hash": manifest.content_hash,
+                    "base_model": base_name, "objective": cfg.objective, "task": cfg.task,
+                    "teacher": str(metadata["teacher"].get("name", "")),
+                    "teacher_version": str(metadata["teacher"].get("version", "")),
+                    "code_version": metadata["code_version"]})
+    summary = {"model_uri": model_uri, "checkpoint": result.checkpoint.path if result.checkpoint else None,
+               "registered": registered, "mlflow_run_id": run_.run_id,
+               "seconds": round(time.time() - t0, 1), "training": training}
+    print(f"[train] done in {summary['seconds']}s: {model_uri}", flush=True)
+    return summary
+
+
+def _run_storage(output_uri: str) -> tuple[str, Any]:
+    """Ray Train's storage for checkpoints: our S3 filesystem (custom endpoint) or a local path."""
+    fs, path = storage.filesystem(output_uri)
+    return (path, fs) if storage.is_s3(output_uri) else (path, None)
+

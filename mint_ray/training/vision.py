@@ -1,0 +1,45 @@
+"""Mllama inputs for a batch: pixel tensors per pair and the cross-attention mask.
+
+Every row of a vision batch carries its image, so every rank runs the vision
+tower and the cross-attention layers on every step (ranks that skipped them
+would run different ZeRO-3 gathers and hang; see MINT.md's traps), and
+``cross_attention_mask`` is always passed.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+PIXEL_KEYS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
+
+
+def pixel_inputs(processor: Any, images: list[bytes]) -> dict[str, Tensor]:
+    """Processor outputs for one image per row (leading dim = rows)."""
+    pil = [[Image.open(io.BytesIO(b)).convert("RGB")] for b in images]
+    out = processor.image_processor(pil, return_tensors="pt")
+    return {k: out[k] for k in PIXEL_KEYS}
+
+
+def cross_attention_mask(input_ids: Tensor, aspect_ratio_mask: Tensor, image_token_id: int) -> Tensor:
+    """``[N, T, 1, tiles]``: tokens from the image token on see the image's valid tiles."""
+    after_image = (input_ids == image_token_id).long().cumsum(-1) > 0
+    tiles = aspect_ratio_mask[:, 0, :].bool()  # [N, tiles]
+    return (after_image[:, :, None, None] & tiles[:, None, None, :]).long()
+
+
+class MllamaForward:
+    """Calls a Mllama model (or its DeepSpeed engine) with the cross-attention mask added."""
+
+    def __init__(self, model: Any, image_token_id: int, dtype: torch.dtype):
+        self.model, self.image_token_id, self.dtype = model, image_token_id, dtype
+
+    def __call__(self, **inputs: Tensor) -> Any:
+        inputs["cross_attention_mask"] = cross_attention_mask(
+            inputs["input_ids"], inputs["aspect_ratio_mask"], self.image_token_id)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        return self.model(**inputs)

@@ -1,0 +1,341 @@
+"""The per-worker training loop that Ray Train runs on every rank.
+
+One process per GPU (or CPU slot). Every rank: loads the student partitioned
+under ZeRO-3, tokenizes the preference table, takes its equal share of pairs,
+and steps in lockstep. Rank 0 prints the step/ETA line, logs to MLflow and
+writes the consolidated model at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+
+from mint_ray import losses, storage
+from mint_ray.registry import METADATA_FILE, download_dir, upload_dir
+from mint_ray.training import students
+from mint_ray.training.batching import EncodedPair, PreferenceBatch, collate_pairs, encode_rows
+from mint_ray.training.config import Config
+from mint_ray.training.deepspeed_config import deepspeed_config
+from mint_ray.training.logprobs import PairLogps, policy_logps
+from mint_ray.training.vision import MllamaForward, pixel_inputs
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Beside the exported weights: a probe input and the training engine's logits on it.
+EXPORT_CHECK = "mint_export_check.safetensors"
+
+
+def local_copy(uri: str) -> Path:
+    """A node-local copy of a model directory (downloaded once per node)."""
+    if not storage.is_s3(uri):
+        return Path(uri)
+    cache = Path(tempfile.gettempdir()) / "mint-ray-models" / hashlib.sha1(uri.encode()).hexdigest()[:16]
+    done = cache / ".complete"
+    if not done.exists():
+        download_dir(uri, cache)
+        done.touch()
+    return cache
+
+
+def shard_for_rank(pairs: list[EncodedPair], rank: int, world: int, seed: int, epoch: int
+                   ) -> list[EncodedPair]:
+    """This rank's pairs for ``epoch``: a seeded shuffle, split evenly (remainder dropped),
+    so every rank takes the same number of steps."""
+    order = list(range(len(pairs)))
+    random.Random(seed * 1000 + epoch).shuffle(order)
+    per_rank = len(order) // world
+    return [pairs[i] for i in order[rank * per_rank:(rank + 1) * per_rank]]
+
+
+def _all_mean(values: dict[str, float], world: int) -> dict[str, float]:
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: float(v) / world for k, v in zip(keys, t.tolist(), strict=True)}
+
+
+def _all_gather(value: float, world: int) -> list[float]:
+    t = torch.zeros(world, dtype=torch.float64)
+    t[dist.get_rank()] = value
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+class Objective:
+    """Turns a batch into (loss, metrics) for the configured objective.
+
+    ``reference`` (DPO only) gives the frozen reference's summed logps for a batch.
+    """
+
+    def __init__(self, cfg: Config, reference: Callable[[PreferenceBatch], PairLogps] | None):
+        self.cfg, self.reference = cfg, reference
+
+    def __call__(self, policy: Any, batch: PreferenceBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg, loss_cfg = self.cfg, self.cfg.loss
+        average = cfg.objective != "dpo"  # DPO compares summed logps; the others, means
+        nll_over = loss_cfg.sft_nll_over if cfg.objective == "sft" else loss_cfg.nll_over
+        out: PairLogps = policy_logps(policy, batch, packed=loss_cfg.packed, nll_over=nll_over,
+                                      average=average)
+        if cfg.objective == "orpo":
+            return losses.orpo_loss(out.chosen, out.rejected, out.chosen_nll, loss_cfg.beta, out.valid)
+        if cfg.objective == "simpo":
+            return losses.simpo_loss(out.chosen, out.rejected, loss_cfg.simpo_beta, loss_cfg.simpo_gamma,
+                                     out.valid)
+        if cfg.objective == "sft":
+            return losses.sft_loss(out.chosen_nll)
+        assert self.reference is not None
+        ref = self.reference(batch)
+        return losses.dpo_loss(out.chosen, out.rejected, ref.chosen, ref.rejected, loss_cfg.beta,
+                               loss_cfg.dpo_label_smoothing, out.valid)
+
+
+def _load_model(cfg: Config, path: Path, ds_config: dict[str, Any], dtype: torch.dtype) -> Any:
+    """Load the student; under ZeRO-3 its weights are partitioned at load time."""
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    keep = HfDeepSpeedConfig(ds_config) if cfg.deepspeed.zero_stage == 3 else None
+    try:
+        return students.load_student(path, cfg.model.kind, dtype)
+    finally:
+        # Left registered, a later rank-0-only from_pretrained would enter a collective.
+        del keep
+        unset_hf_deepspeed_config()
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    import deepspeed
+
+    cfg = Config.model_validate(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.optim.seed)
+    dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
+    device = torch.device("cuda", torch.cuda.current_device()) if cfg.scaling.use_gpu else torch.device("cpu")
+
+    base_dir = local_copy(loop_config["base_uri"])
+    tokenizer, processor = students.load_tokenizer_and_processor(base_dir, cfg.model.kind)
+    table = storage.read_dataset(cfg.data.uri)
+    rows = table.to_pylist()
+    image_of = {r["sample_id"]: r.get("image_uri") for r in rows}
+    pairs, stats = encode_rows(rows, tokenizer, cfg.batching,
+                               require_image=cfg.model.kind == "mllama")
+
+    micro, accum = cfg.optim.micro_batch_size, cfg.optim.gradient_accumulation_steps
+    per_rank = len(pairs) // world
+    steps_per_epoch = per_rank // (micro * accum)
+    if steps_per_epoch == 0:
+        raise RuntimeError(f"{len(pairs)} usable pairs are too few for {world} workers x micro batch "
+                           f"{micro} x accumulation {accum}")
+    total_steps = steps_per_epoch * cfg.optim.epochs
+    if cfg.optim.max_steps:
+        total_steps = min(total_steps, cfg.optim.max_steps)
+
+    ds_config = deepspeed_config(cfg.deepspeed, cfg.optim, total_steps)
+    model = _load_model(cfg, base_dir, ds_config, dtype)
+    if cfg.deepspeed.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    if cfg.model.kind == "mllama" and cfg.model.freeze_vision:
+        students.freeze_vision_tower(model)
+    if cfg.model.lora.enabled:
+        if cfg.deepspeed.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = students.apply_lora(model, cfg.model.lora, cfg.model.kind)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=trainable,
+                                                   config=ds_config)
+
+    def wrap(m: Any) -> Any:
+        if cfg.model.kind == "mllama":
+            return MllamaForward(m, tokenizer.convert_tokens_to_ids("<|image|>"), dtype)
+        return m
+
+    ref_engine = None
+    if cfg.objective == "dpo" and cfg.model.reference_path is not None:
+        # A separate frozen reference, sharded like the policy and kept in eval mode.
+        ref_model = _load_model(cfg, local_copy(cfg.model.reference_path), ds_config, dtype).eval()
+        ref_config = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
+        ref_engine, *_ = deepspeed.initialize(model=ref_model, config=ref_config)
+        ref_engine.eval()
+
+    def reference_logps(batch: PreferenceBatch) -> PairLogps:
+        with torch.no_grad():
+            if ref_engine is not None:
+                return policy_logps(wrap(ref_engine), batch, packed=cfg.loss.packed, average=False)
+            # Under LoRA the base weights are the reference: the adapter switched off.
+            with engine.module.disable_adapter():
+                return policy_logps(wrap(engine), batch, packed=cfg.loss.packed, average=False)
+
+    objective = Objective(cfg, reference_logps if cfg.objective == "dpo" else None)
+
+    start_step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and cfg.checkpoint.resume_from:
+        checkpoint = ray.train.Checkpoint(cfg.checkpoint.resume_from)
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            _, client_state = engine.load_checkpoint(ckpt_dir)
+        start_step = int(client_state["step"])
+        if rank == 0:
+            print(f"[train] resumed from {checkpoint.path} at step {start_step}/{total_steps}", flush=True)
+
+    total_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    local_params = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+                       for p in engine.module.parameters())
+    mlflow_client = _mlflow(loop_config) if rank == 0 else None
+    if rank == 0:
+        print(f"[train] {stats.summary()}", flush=True)
+        print(f"[train] {world} workers, {steps_per_epoch} steps/epoch, {total_steps} steps, "
+              f"ZeRO-{cfg.deepspeed.zero_stage}, objective {cfg.objective}, packed {cfg.loss.packed}",
+              flush=True)
+        _log(mlflow_client, loop_config, {f"data.{k}": v for k, v in stats.as_metrics().items()}, 0)
+
+    t0 = time.time()
+    for step in range(start_step, total_steps):
+        epoch, index = divmod(step, steps_per_epoch)
+        shard = shard_for_rank(pairs, rank, world, cfg.optim.seed, epoch)
+        step_metrics: dict[str, float] = {}
+        tokens = 0
+        t_step = time.time()
+        for a in range(accum):
+            first = (index * accum + a) * micro
+            batch = collate_pairs(shard[first:first + micro], tokenizer.pad_token_id)
+            if cfg.model.kind == "mllama":
+                images = [storage.read_bytes(image_of[p.sample_id]) for p in shard[first:first + micro]]
+                batch = dataclasses.replace(batch, extras=pixel_inputs(processor, images))
+            batch = batch.to(device)
+            loss, metrics = objective(wrap(engine), batch)
+            engine.backward(loss)
+            engine.step()
+            tokens += batch.num_tokens()
+            for k, v in metrics.items():
+                step_metrics[k] = step_metrics.get(k, 0.0) + float(v) / accum
+        step_metrics["tokens"] = tokens
+        step_metrics["step_seconds"] = time.time() - t_step
+        step_metrics["rss_gb"] = psutil.Process().memory_info().rss / 2**30
+        agg = _all_mean(step_metrics, world)
+        agg["tokens_per_s"] = agg.pop("tokens") * world / max(agg.pop("step_seconds"), 1e-9)
+        agg["lr"] = scheduler.get_last_lr()[0] if scheduler is not None else cfg.optim.lr
+        agg["step"] = step + 1
+        done = step + 1
+        if rank == 0 and (done % cfg.log_every_n_steps == 0 or done == total_steps):
+            elapsed = time.time() - t0
+            eta = elapsed / (done - start_step) * (total_steps - done)
+            print(f"[train] step {done}/{total_steps} loss {agg['loss']:.4f} "
+                  f"lr {agg['lr']:.2e} tok/s {agg['tokens_per_s']:.0f} "
+                  f"elapsed {elapsed:.0f}s eta {eta:.0f}s", flush=True)
+            _log(mlflow_client, loop_config, agg, done)
+        if done % cfg.checkpoint.every_n_steps == 0 or done == total_steps:
+            with tempfile.TemporaryDirectory() as ckpt_dir:
+                engine.save_checkpoint(ckpt_dir, tag=f"step{done:06d}", client_state={"step": done})
+                # One name on every rank: Ray merges the ranks' shards into one checkpoint.
+                ray.train.report(agg, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir),
+                                 checkpoint_dir_name=f"checkpoint_step{done:06d}")
+
+    # Per-rank figures (ZeRO-3 shards parameters and optimizer state across ranks).
+    # ZeRO wraps the torch optimizer; its state (Adam moments) covers this rank's partition.
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    optim_numel = sum(t.numel() for state in inner.state.values() for t in state.values()
+                      if torch.is_tensor(t) and t.dim() > 0)
+    memory = {"param_shard_fraction": local_params / max(total_params, 1),
+              "optimizer_state_numel": float(optim_numel),
+              "peak_rss_gb": psutil.Process().memory_info().rss / 2**30}
+    per_rank = {f"{k}_rank{r}": v for k, val in memory.items()
+                for r, v in enumerate(_all_gather(val, world))}
+    nodes = [ray.get_runtime_context().get_node_id()] * world
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    summary = {"steps": total_steps, "resumed_from_step": start_step, "world_size": world,
+               "node_ids": nodes, "total_params": total_params, "data": stats.as_metrics(), **per_rank}
+    probe = collate_pairs(pairs[:1], tokenizer.pad_token_id)
+    export_model(engine, cfg, base_dir, tokenizer, processor, loop_config, rank, summary, probe, image_of)
+    if rank == 0:
+        _log(mlflow_client, loop_config, per_rank, total_steps)
+    ray.train.report({"step": total_steps})
+
+
+def _probe_inputs(probe: PreferenceBatch, processor: Any, images: list[bytes] | None) -> dict[str, Any]:
+    """The probe pair's ``[prompt|chosen]`` as plain model inputs."""
+    ids = torch.cat([probe.prompt_ids[0, : probe.prompt_lens[0]], probe.chosen_ids[0, : probe.chosen_lens[0]]])
+    inputs: dict[str, Any] = {"input_ids": ids[None]}
+    if images:
+        inputs.update(pixel_inputs(processor, images))
+    return inputs
+
+
+def export_model(engine: Any, cfg: Config, base_dir: Path, tokenizer: Any, processor: Any,
+                 loop_config: dict[str, Any], rank: int, summary: dict[str, Any],
+                 probe: PreferenceBatch, image_of: dict[str, Any]) -> None:
+    """Consolidate the (sharded) weights and write a Hugging Face directory to the output.
+
+    A collective: every rank must call it (ZeRO-3 gathers the shards). The
+    engine's logits on one probe input are saved beside the weights
+    (``EXPORT_CHECK``), so the export can be checked against a fresh reload.
+    """
+    from safetensors.torch import save_file
+
+    images = None
+    if cfg.model.kind == "mllama":
+        images = [storage.read_bytes(next(v for v in image_of.values() if v))]
+    probe_inputs = _probe_inputs(probe, processor, images)
+    engine.eval()
+    with torch.no_grad():
+        forward = MllamaForward(engine, tokenizer.convert_tokens_to_ids("<|image|>"), torch.float32) \
+            if cfg.model.kind == "mllama" else engine
+        engine_logits = forward(**{k: v.to(engine.device) for k, v in probe_inputs.items()}).logits.float().cpu()
+    if cfg.deepspeed.zero_stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = engine.module.state_dict() if rank == 0 else None
+    if rank != 0:
+        return
+    model = students.load_student(base_dir, cfg.model.kind, torch.float32)
+    if cfg.model.lora.enabled:
+        model = students.apply_lora(model, cfg.model.lora, cfg.model.kind)
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    if cfg.model.lora.enabled:
+        model = model.merge_and_unload()
+    metadata = {**loop_config["metadata"], "training": summary}
+    with tempfile.TemporaryDirectory() as out:
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        if processor is not None:
+            processor.save_pretrained(out)
+        Path(out, METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
+        save_file({"logits": engine_logits.contiguous(),
+                   **{k: v.contiguous() for k, v in probe_inputs.items()}}, str(Path(out, EXPORT_CHECK)))
+        upload_dir(out, loop_config["model_uri"])
+    print(f"[train] consolidated model written to {loop_config['model_uri']}", flush=True)
+
+
+def _mlflow(loop_config: dict[str, Any]) -> Any:
+    if not loop_config.get("run_id"):
+        return None
+    from mlflow import MlflowClient
+
+    return MlflowClient(loop_config["tracking_uri"])
+
+
+def _log(client: Any, loop_config: dict[str, Any], metrics: dict[str, float], step: int) -> None:
+    if client is None:
+        return
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client.log_batch(loop_config["run_id"], metrics=[
+        Metric(key=k, value=float(v), timestamp=now, step=step) for k, v in metrics.items()])
+

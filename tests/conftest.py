@@ -1,0 +1,119 @@
+"""Real services for the tests: a Ceph S3 gateway and an MLflow server on 127.0.0.1.
+
+Each is started once per test session by the scripts in ``infra/local/`` (with
+a bounded lifetime) and stopped by PID at the end. If ``AWS_ENDPOINT_URL`` and
+keys are already set (a developer's long-running local S3), that one is used.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LOCAL = REPO / "infra" / "local"
+# Services stop themselves after this even if the test session is killed.
+SERVICE_LIFETIME_S = 3600
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _isolate_mlflow_uri() -> Iterator[None]:
+    """``mlflow.set_tracking_uri`` also sets ``MLFLOW_TRACKING_URI`` in the environment;
+    restore it so one test's server does not become the next test's default."""
+    import mlflow
+
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    mlflow.set_tracking_uri(saved or "")
+    if saved is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _reachable(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=3)
+        return True
+    except Exception as err:  # an HTTP error status still means the server answered
+        return hasattr(err, "code")
+
+
+def _export(lines: str) -> dict[str, str]:
+    env = {}
+    for line in lines.splitlines():
+        if line.startswith("export "):
+            key, _, value = line[len("export "):].partition("=")
+            env[key] = value
+    return env
+
+
+@pytest.fixture(scope="session")
+def s3_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """AWS_* variables of a live local S3 gateway, also set in ``os.environ``."""
+    external = os.environ.get("AWS_ENDPOINT_URL")
+    if external and os.environ.get("AWS_ACCESS_KEY_ID") and _reachable(external):
+        yield {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+        return
+    state = tmp_path_factory.mktemp("ceph")
+    mon = free_port()
+    ports = {"S3_PORT": str(free_port()), "MON_PORT": str(mon), "MON2_PORT": str(free_port())}
+    env = {**os.environ, **ports}
+    try:
+        subprocess.run([str(LOCAL / "s3.sh"), "start", str(state), str(SERVICE_LIFETIME_S)],
+                       env=env, check=True, timeout=600)
+        out = subprocess.run([str(LOCAL / "s3.sh"), "env", str(state)], env=env, check=True,
+                             capture_output=True, text=True).stdout
+        aws = _export(out)
+        saved = {k: os.environ.get(k) for k in aws}
+        os.environ.update(aws)
+        yield aws
+    finally:
+        subprocess.run([str(LOCAL / "s3.sh"), "stop", str(state)], env=env, check=False)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def make_bucket(name_prefix: str = "t") -> str:
+    import boto3
+
+    name = f"{name_prefix}-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def s3_bucket(s3_env: dict[str, str]) -> str:
+    """A fresh, empty bucket on the local gateway, as ``s3://name``."""
+    return f"s3://{make_bucket()}"
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``mlflow server`` (SQLite store, artifacts on the local S3); yields its URI."""
+    bucket = make_bucket("mlflow")
+    state = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    try:
+        subprocess.run([str(LOCAL / "mlflow.sh"), "start", str(state), str(port),
+                        f"s3://{bucket}/artifacts", str(SERVICE_LIFETIME_S)], check=True, timeout=300)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        subprocess.run([str(LOCAL / "mlflow.sh"), "stop", str(state)], check=False)

@@ -1,0 +1,205 @@
+"""The comparison report: tables, chart and files from per-arm generation records."""
+
+import csv
+import io
+import json
+
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from mint_ray.errors import MintError
+from mint_ray.evaluation import (
+    bar_chart_png,
+    metrics_markdown,
+    metrics_table,
+    per_label_table,
+    render_report,
+    score_records,
+    summarise_arms,
+    summary_dict,
+    to_csv,
+    to_markdown,
+    write_report,
+)
+from mint_ray.tasks import RARE_DISEASE, TISSUE_TYPE
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TOP = ["Lung", "Breast", "Kidney", "Liver", "Thyroid"]
+BOTTOM = ["Skin", "Testis", "Uterus", "Bladder", "Cervix"]
+
+
+def disease_answer(*names: str) -> str:
+    return "POTENTIAL_DISEASES:\n" + "\n".join(f"{i}. '{n}'" for i, n in enumerate(names, 1))
+
+
+def tissue_answer(*names: str) -> str:
+    return "MOST_LIKELY_TISSUE:\n" + "\n".join(f"{i}. {n}" for i, n in enumerate(names, 1))
+
+
+def rare_records() -> list[dict]:
+    """Two arms on the same four cases; expected metrics worked out by hand below."""
+    others = [f"Other {c}" for c in "ABCDEFGHI"]
+    base = [
+        ("s1", "Marfan syndrome", disease_answer(*others, "Marfan syndrom")),   # rank 10
+        ("s2", "Noonan syndrome", disease_answer(*others)),                      # miss
+        ("s3", "Trisomy 21; Down syndrome", "Down syndrome, I think."),          # unparseable
+        ("s4", "Noonan syndrome", None),                                         # failed
+    ]
+    orpo = [
+        ("s1", "Marfan syndrome", disease_answer("Marfan syndrome", *others)),  # rank 1
+        ("s2", "Noonan syndrome", disease_answer("Noonan syndrome", *others)),  # rank 1
+        ("s3", "Trisomy 21; Down syndrome", disease_answer("Other A", "Down syndrome")),  # 2
+        ("s4", "Noonan syndrome", disease_answer(*others)),                      # miss
+    ]
+    return [{"arm": arm, "sample_id": sid, "label": label, "generation": gen}
+            for arm, rows in (("base", base), ("orpo", orpo)) for sid, label, gen in rows]
+
+
+def tissue_records() -> list[dict]:
+    rows = [
+        ("t1", "Breast", tissue_answer("Lung", "Breast", "Colon", "Skin", "Liver")),
+        ("t2", "Lung", tissue_answer("Lung", "Breast", "Kidney", "Liver", "Thyroid")),
+        ("t3", "Skin", "Probably skin."),
+    ]
+    return [{"arm": "sft", "sample_id": sid, "label": label, "generation": gen,
+             "teacher_top": TOP, "teacher_bottom": BOTTOM} for sid, label, gen in rows]
+
+
+# ---- scoring and tables ------------------------------------------------------
+def test_score_records_keeps_every_record_and_its_parse():
+    scored = score_records(RARE_DISEASE, rare_records())
+    assert len(scored) == 8
+    s3 = scored[2]
+    assert (s3.arm, s3.sample_id, s3.score.parseable, s3.score.rank) == ("base", "s3", False, None)
+    assert scored[3].generation == ""      # a failed generation stays, as an empty answer
+    assert scored[6].items[:2] == ["Other A", "Down syndrome"]
+
+
+def test_metrics_table_hand_computed():
+    summaries = summarise_arms(RARE_DISEASE, score_records(RARE_DISEASE, rare_records()))
+    rows = {r["arm"]: r for r in metrics_table(summaries).to_pylist()}
+    assert list(rows) == ["base", "orpo"]        # the callers' order, not sorted
+    base, orpo = rows["base"], rows["orpo"]
+    assert (base["n"], base["n_parseable"], base["n_unparseable"]) == (4, 2, 2)
+    assert base["top1"] == 0.0 and base["top10"] == pytest.approx(0.25)
+    assert base["parseable"] == pytest.approx(0.5)
+    assert base["mrr"] == pytest.approx(0.1 / 4)
+    assert (orpo["n"], orpo["n_unparseable"]) == (4, 0)
+    assert orpo["top1"] == pytest.approx(0.5) and orpo["top10"] == pytest.approx(0.75)
+    assert orpo["mrr"] == pytest.approx((1 + 1 + 0.5) / 4)
+    for row in rows.values():
+        for m in ("top1", "top10", "mrr", "parseable"):
+            assert row[f"{m}_ci_low"] <= row[m] <= row[f"{m}_ci_high"]
+    assert "car" not in rows["base"]
+
+
+def test_per_label_table_hand_computed():
+    table = per_label_table(RARE_DISEASE, score_records(RARE_DISEASE, rare_records()))
+    rows = {(r["label"], r["arm"]): r for r in table.to_pylist()}
+    assert len(rows) == 6                       # 3 labels x 2 arms
+    noonan_orpo = rows[("Noonan syndrome", "orpo")]
+    assert (noonan_orpo["n"], noonan_orpo["top1"], noonan_orpo["top10"]) == (2, 0.5, 0.5)
+    noonan_base = rows[("Noonan syndrome", "base")]
+    assert (noonan_base["n_parseable"], noonan_base["parseable"]) == (1, 0.5)
+    assert table.column("label").to_pylist()[:2] == ["Marfan syndrome", "Marfan syndrome"]
+
+
+def test_tissue_tables_report_car():
+    scored = score_records(TISSUE_TYPE, tissue_records())
+    (summary,) = summarise_arms(TISSUE_TYPE, scored)
+    # t1: C 0.6, A 0.8 -> 0.72/1.1; t2: C 1, A 1 -> 1; t3 unparseable -> 0.
+    assert summary.metrics["car"].value == pytest.approx((0.72 / 1.1 + 1.0) / 3)
+    assert summary.metrics["top1"].value == pytest.approx(1 / 3)
+    assert summary.metrics["top5"].value == pytest.approx(2 / 3)
+    assert {"car", "coverage", "avoidance"} <= set(per_label_table(TISSUE_TYPE, scored)
+                                                   .column_names)
+
+
+def test_markdown_and_csv():
+    summaries = summarise_arms(RARE_DISEASE, score_records(RARE_DISEASE, rare_records()))
+    md = metrics_markdown(summaries)
+    lines = md.strip().splitlines()
+    assert lines[0] == "| arm | n | unparseable | top1 | top10 | mrr | parseable |"
+    assert lines[3].startswith("| orpo | 4 | 0 | 0.500 [")
+    rows = list(csv.DictReader(io.StringIO(to_csv(metrics_table(summaries)))))
+    assert [r["arm"] for r in rows] == ["base", "orpo"]
+    assert float(rows[1]["top10"]) == pytest.approx(0.75)
+
+
+def test_to_markdown_nulls_and_pipes():
+    md = to_markdown(pa.table({"name": ["a|b", None], "x": [0.12345, None]}))
+    assert md.splitlines()[2] == "| a\\|b | 0.123 |"
+    assert md.splitlines()[3] == "| n/a | n/a |"
+
+
+def test_bar_chart_is_a_png():
+    summaries = summarise_arms(TISSUE_TYPE, score_records(TISSUE_TYPE, tissue_records()))
+    png = bar_chart_png(summaries, "tissue")
+    assert png.startswith(PNG_SIGNATURE)
+    image = Image.open(io.BytesIO(png))
+    image.verify()
+    assert image.size[0] > 400 and image.size[1] > 300
+
+
+# ---- the whole report --------------------------------------------------------
+def test_render_and_write_report(tmp_path):
+    report = render_report(RARE_DISEASE, rare_records(), n_resamples=200, seed=7)
+    assert set(report.files) == {"report.md", "metrics.csv", "per_label.csv", "accuracy.png",
+                                 "generations.jsonl", "summary.json"}
+    uris = write_report(report, str(tmp_path / "out"))
+    assert sorted(uris) == sorted(str(tmp_path / "out" / name) for name in report.files)
+
+    out = tmp_path / "out"
+    png = (out / "accuracy.png").read_bytes()
+    assert png.startswith(PNG_SIGNATURE)
+    Image.open(out / "accuracy.png").verify()
+    md = (out / "report.md").read_text()
+    for arm in ("base", "orpo"):
+        assert f"| {arm} |" in md
+    assert "200 resamples, seed 7" in md and "accuracy.png" in md
+    metrics_rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [r["arm"] for r in metrics_rows] == ["base", "orpo"]
+    generations = [json.loads(line) for line in (out / "generations.jsonl").read_text()
+                   .splitlines()]
+    assert len(generations) == 8                # unparseable ones included
+    assert sum(not g["parseable"] for g in generations) == 2
+    assert generations[0]["generation"].startswith("POTENTIAL_DISEASES:")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["orpo"]["top1"] == pytest.approx(0.5)
+    assert summary == json.loads(json.dumps(summary_dict(report.summaries)))
+    assert "Warning" not in md
+
+
+def test_report_is_deterministic():
+    a = render_report(TISSUE_TYPE, tissue_records(), seed=3)
+    b = render_report(TISSUE_TYPE, tissue_records(), seed=3)
+    assert a.files["metrics.csv"] == b.files["metrics.csv"]
+    assert a.files["report.md"] == b.files["report.md"]
+
+
+def test_report_warns_when_arms_saw_different_cases():
+    records = [r for r in rare_records() if not (r["arm"] == "orpo" and r["sample_id"] == "s4")]
+    md = render_report(RARE_DISEASE, records, n_resamples=50).files["report.md"].decode()
+    assert "different cases (3 shared; base (1 extra))" in md
+
+
+def test_arm_without_teacher_lists_gets_no_car_bar():
+    base = {"arm": "base", "sample_id": "t1", "label": "Breast",
+            "generation": tissue_answer("Breast")}
+    records = [*tissue_records(), base]
+    report = render_report(TISSUE_TYPE, records, n_resamples=50)
+    rows = {r["arm"]: r for r in metrics_table(report.summaries).to_pylist()}
+    assert rows["base"]["car"] is None and rows["sft"]["car"] is not None
+    assert report.files["accuracy.png"].startswith(PNG_SIGNATURE)
+
+
+@pytest.mark.parametrize("records, message", [
+    ([{"arm": "a", "sample_id": 1, "label": "X"}], "record 0 lacks generation"),
+    ([{"arm": "a", "sample_id": 1, "label": " ", "generation": ""}], "empty label"),
+    ([{"arm": "a", "sample_id": 1, "label": "X", "generation": ""}] * 2, "sample '1' twice"),
+    ([], "no generations"),
+])
+def test_bad_records_are_clear_errors(records, message):
+    with pytest.raises(MintError, match=message):
+        render_report(RARE_DISEASE, records)
