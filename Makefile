@@ -23,17 +23,18 @@ PIP_LOG := .venv/pip.log
 	DS_ACCELERATOR=cpu $(PY) -m mint_ray.prebuild_ops
 	mkdir -p .local && touch $@
 
-demo: .venv/.installed
+demo: .venv/.installed .local/.ds_ops
 	RAY_AUTH_MODE=disabled DS_ACCELERATOR=cpu .venv/bin/mint-ray demo
 
 lint: .venv/.installed
 	.venv/bin/ruff check .
 
-test: .venv/.installed .local/.services lint
+test: .venv/.installed .local/.services .local/.ds_ops lint
 	RAY_AUTH_MODE=disabled DS_ACCELERATOR=cpu $(PY) -m pytest -q -ra --durations=15
 
-bench: .venv/.installed
-	RAY_AUTH_MODE=disabled DS_ACCELERATOR=cpu $(PY) benchmarks/run_all.py
+bench: .venv/.installed .local/.ds_ops
+	for b in packing training preferences serving; do \
+	  RAY_AUTH_MODE=disabled DS_ACCELERATOR=cpu $(PY) benchmarks/bench_$$b.py || exit 1; done
 
 clean:
 	rm -rf .venv .local mint-data

@@ -168,3 +168,20 @@ def test_preflight_errors_name_the_field(tmp_path: Path) -> None:
     cfg = _config(tmp_path, str(tmp_path / "prefs"), "model.lora.target_modules=[nope_proj]")
     with pytest.raises(ConfigError, match="match no linear module"):
         train_stage.run(cfg)
+
+
+def test_training_reads_only_its_splits(tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    from mint_ray.training.config import DataConfig
+    from mint_ray.training.data import training_rows
+
+    write_text_prefs(str(tmp_path / "prefs"), 6)
+    table = storage.read_dataset(str(tmp_path / "prefs"))
+    split = pa.array(["train", "train", "validation", "test", "test", "train"])
+    storage.write_dataset(str(tmp_path / "mixed"), table.set_column(table.schema.get_field_index("split"),
+                                                                    "split", split))
+    rows = training_rows(DataConfig(uri=str(tmp_path / "mixed")))
+    assert sorted(r["sample_id"] for r in rows) == ["s0", "s1", "s5"]
+    held_out = training_rows(DataConfig(uri=str(tmp_path / "mixed"), splits=["test"]), columns=["prompt"])
+    assert len(held_out) == 2 and "chosen" not in held_out[0]

@@ -53,6 +53,7 @@ class LossConfig(StrictModel):
 
 class DataConfig(StrictModel):
     uri: str  # a preference dataset (local or s3://) written by `mint-ray preferences`
+    splits: list[str] = Field(default_factory=lambda: ["train"], min_length=1)
 
 
 class ScalingConfig(StrictModel):

@@ -19,6 +19,7 @@ from mint_ray.registry import download_dir, log_student, read_model_metadata, up
 from mint_ray.tasks import get_task
 from mint_ray.training import students
 from mint_ray.training.config import Config
+from mint_ray.training.data import training_rows
 
 CLI_FLAGS = {"task": "task", "objective": "objective", "data": "data.uri", "out": "output_uri",
              "workers": "scaling.num_workers", "max-steps": "optim.max_steps"}
@@ -57,9 +58,8 @@ def _config_dir(path: str) -> str:
 def build_tiny_base(cfg: Config, out_uri: str) -> str:
     """Build the tiny student from the preference texts and store it at ``out_uri``."""
     task = get_task(cfg.task)
-    table = storage.read_dataset(cfg.data.uri, columns=["prompt", "chosen", "rejected"])
     texts = [task.system_prompt, task.instruction, *(task.labels or ())]
-    for row in table.to_pylist():
+    for row in training_rows(cfg.data, columns=["prompt", "chosen", "rejected"]):
         for message in [*row["prompt"], *row["chosen"], *row["rejected"]]:
             content = message["content"]
             texts.append(content if isinstance(content, str)

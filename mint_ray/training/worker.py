@@ -30,6 +30,7 @@ from mint_ray.registry import METADATA_FILE, download_dir, upload_dir
 from mint_ray.training import students
 from mint_ray.training.batching import EncodedPair, PreferenceBatch, collate_pairs, encode_rows
 from mint_ray.training.config import Config
+from mint_ray.training.data import training_rows
 from mint_ray.training.deepspeed_config import deepspeed_config
 from mint_ray.training.logprobs import PairLogps, policy_logps
 from mint_ray.training.vision import MllamaForward, pixel_inputs
@@ -129,8 +130,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     base_dir = local_copy(loop_config["base_uri"])
     tokenizer, processor = students.load_tokenizer_and_processor(base_dir, cfg.model.kind)
-    table = storage.read_dataset(cfg.data.uri)
-    rows = table.to_pylist()
+    rows = training_rows(cfg.data)
     image_of = {r["sample_id"]: r.get("image_uri") for r in rows}
     pairs, stats = encode_rows(rows, tokenizer, cfg.batching,
                                require_image=cfg.model.kind == "mllama")
@@ -206,6 +206,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         _log(mlflow_client, loop_config, {f"data.{k}": v for k, v in stats.as_metrics().items()}, 0)
 
     t0 = time.time()
+    run_tokens, run_seconds = 0.0, 0.0
     for step in range(start_step, total_steps):
         epoch, index = divmod(step, steps_per_epoch)
         shard = shard_for_rank(pairs, rank, world, cfg.optim.seed, epoch)
@@ -229,7 +230,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         step_metrics["step_seconds"] = time.time() - t_step
         step_metrics["rss_gb"] = psutil.Process().memory_info().rss / 2**30
         agg = _all_mean(step_metrics, world)
-        agg["tokens_per_s"] = agg.pop("tokens") * world / max(agg.pop("step_seconds"), 1e-9)
+        step_tokens, step_seconds = agg.pop("tokens") * world, agg.pop("step_seconds")
+        agg["tokens_per_s"] = step_tokens / max(step_seconds, 1e-9)
+        if step > start_step:  # the first step of an attempt pays for warm-up
+            run_tokens += step_tokens
+            run_seconds += step_seconds
         agg["lr"] = scheduler.get_last_lr()[0] if scheduler is not None else cfg.optim.lr
         agg["step"] = step + 1
         done = step + 1
@@ -260,6 +265,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     nodes = [ray.get_runtime_context().get_node_id()] * world
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     summary = {"steps": total_steps, "resumed_from_step": start_step, "world_size": world,
+               "tokens_per_s": run_tokens / run_seconds if run_seconds else None,
                "node_ids": nodes, "total_params": total_params, "data": stats.as_metrics(), **per_rank}
     probe = collate_pairs(pairs[:1], tokenizer.pad_token_id)
     export_model(engine, cfg, base_dir, tokenizer, processor, loop_config, rank, summary, probe, image_of)
