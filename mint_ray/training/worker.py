@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import random
 import tempfile
@@ -36,6 +37,8 @@ from mint_ray.training.logprobs import PairLogps, policy_logps
 from mint_ray.training.vision import MllamaForward, pixel_inputs
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Train shows a worker's `print` twice; its logging records once.
+log = logging.getLogger(__name__)
 # Beside the exported weights: a probe input and the training engine's logits on it.
 EXPORT_CHECK = "mint_export_check.safetensors"
 
@@ -192,17 +195,16 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             _, client_state = engine.load_checkpoint(ckpt_dir)
         start_step = int(client_state["step"])
         if rank == 0:
-            print(f"[train] resumed from {checkpoint.path} at step {start_step}/{total_steps}", flush=True)
+            log.info("[train] resumed from %s at step %d/%d", checkpoint.path, start_step, total_steps)
 
     total_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     local_params = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
                        for p in engine.module.parameters())
     mlflow_client = _mlflow(loop_config) if rank == 0 else None
     if rank == 0:
-        print(f"[train] {stats.summary()}", flush=True)
-        print(f"[train] {world} workers, {steps_per_epoch} steps/epoch, {total_steps} steps, "
-              f"ZeRO-{cfg.deepspeed.zero_stage}, objective {cfg.objective}, packed {cfg.loss.packed}",
-              flush=True)
+        log.info("[train] %s", stats.summary())
+        log.info("[train] %d workers, %d steps/epoch, %d steps, ZeRO-%d, objective %s, packed %s", world,
+                 steps_per_epoch, total_steps, cfg.deepspeed.zero_stage, cfg.objective, cfg.loss.packed)
         _log(mlflow_client, loop_config, {f"data.{k}": v for k, v in stats.as_metrics().items()}, 0)
 
     t0 = time.time()
@@ -241,9 +243,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if rank == 0 and (done % cfg.log_every_n_steps == 0 or done == total_steps):
             elapsed = time.time() - t0
             eta = elapsed / (done - start_step) * (total_steps - done)
-            print(f"[train] step {done}/{total_steps} loss {agg['loss']:.4f} "
-                  f"lr {agg['lr']:.2e} tok/s {agg['tokens_per_s']:.0f} "
-                  f"elapsed {elapsed:.0f}s eta {eta:.0f}s", flush=True)
+            log.info("[train] step %d/%d loss %.4f lr %.2e tok/s %.0f elapsed %.0fs eta %.0fs", done, total_steps,
+                     agg["loss"], agg["lr"], agg["tokens_per_s"], elapsed, eta)
             _log(mlflow_client, loop_config, agg, done)
         if done % cfg.checkpoint.every_n_steps == 0 or done == total_steps:
             with tempfile.TemporaryDirectory() as ckpt_dir:
@@ -325,7 +326,7 @@ def export_model(engine: Any, cfg: Config, base_dir: Path, tokenizer: Any, proce
         save_file({"logits": engine_logits.contiguous(),
                    **{k: v.contiguous() for k, v in probe_inputs.items()}}, str(Path(out, EXPORT_CHECK)))
         upload_dir(out, loop_config["model_uri"])
-    print(f"[train] consolidated model written to {loop_config['model_uri']}", flush=True)
+    log.info("[train] consolidated model written to %s", loop_config["model_uri"])
 
 
 def _mlflow(loop_config: dict[str, Any]) -> Any:
