@@ -38,6 +38,8 @@ def init_ray(cfg: RayConfig) -> None:
         # would conflict with the job's and make ray.init fail.
         ray.init(address=address, log_to_driver=True)
         return
-    ray.init(num_cpus=cfg.num_cpus or os.cpu_count(),
+    # address="local": start a new in-process cluster, never attach to another
+    # `ray start` cluster that happens to run on this machine.
+    ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(),
              object_store_memory=cfg.object_store_memory_mb * 1024 * 1024,
              include_dashboard=False, runtime_env={"env_vars": worker_env()}, log_to_driver=True)

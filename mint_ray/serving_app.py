@@ -1,0 +1,1055 @@
+"""Serve a registered student over HTTP with Ray Serve (``mint-ray serve``).
+
+One application serves one model (so one task): ``models:/<name>@<alias>``, a
+pinned ``models:/<name>/<version>``, an ``s3://`` or a local student directory.
+The deployment ``MintStudent`` is a FastAPI ingress:
+
+- ``POST /v1/predict``: JSON ``{"task", "note" | "image" (base64 or data URL), "top_k"}``
+  or a multipart upload (fields ``task``, ``top_k``, file ``image``) -> ranked labels
+  (parsed with the task's one parser, ids where the label catalog knows them), the
+  raw generation, the model's name/version/alias and the latency;
+- ``POST /v1/chat/completions``: the OpenAI shape; the last user message's text is
+  the note, its ``image_url`` (a ``data:`` URL) the image. The prompt is always the
+  task's own template (the one the student was trained on); client system
+  messages and sampling parameters are ignored, decoding is greedy;
+- ``GET /healthz`` (process up), ``GET /readyz`` (model loaded), ``GET /v1/models``.
+
+Requests are batched with ``@serve.batch`` (size and wait from config, changed live
+through ``user_config``). A replica that serves an alias polls the registry and,
+when the alias moves, loads the new version beside the old one and swaps the
+reference: a batch already running keeps the model object it started with, so no
+request is dropped. The API key (a bearer token) is read from an environment
+variable named in config, compared in constant time and never logged; note text
+is never logged either (Serve's access log has method, route, status, latency and
+request id only).
+
+``serving/app.py`` is the entry for ``serve run``/``serve deploy``
+(``serving.app:build_app``); the deployment class lives here so replicas need only
+the installed package.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import warnings
+from dataclasses import dataclass, field
+from difflib import SequenceMatcher
+from pathlib import Path
+from typing import Any, Literal
+
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mint_ray import storage
+from mint_ray.config import RayConfig, StrictModel
+from mint_ray.errors import MintError
+from mint_ray.metrics import THRESHOLD, normalise, synonyms
+from mint_ray.tasks import TASKS, TISSUE_TYPE, TISSUE_TYPES, Task, get_task
+
+DEPLOYMENT_NAME = "MintStudent"
+# Probes (Kubernetes, load balancers) carry no key.
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,",
+                       re.IGNORECASE)
+# Serve routes the "ray.serve" logger into the replica's log file.
+log = logging.getLogger("ray.serve")
+
+
+# ============================================================== config
+
+
+class LimitsConfig(StrictModel):
+    """What one request may carry. Bigger requests are refused with a 4xx, never truncated."""
+
+    max_body_bytes: int = Field(8 * 2**20, gt=0)
+    max_note_chars: int = Field(20_000, gt=0)
+    max_image_bytes: int = Field(5 * 2**20, gt=0)
+    # Checked on the header before any pixel is decoded (decompression bombs).
+    max_image_pixels: int = Field(4096 * 4096, gt=0)
+    image_formats: list[str] = Field(default_factory=lambda: ["PNG", "JPEG"], min_length=1)
+    max_top_k: int = Field(20, gt=0)
+
+    @field_validator("image_formats")
+    @classmethod
+    def _upper(cls, formats: list[str]) -> list[str]:
+        return [f.upper() for f in formats]
+
+
+class BatchingConfig(StrictModel):
+    """``@serve.batch`` settings; ``max_batch_size: 1`` turns batching off.
+
+    ``batch_wait_timeout_s`` is how long a batch waits to fill after its first request:
+    added latency at low load, fuller (cheaper per answer) batches under load.
+    """
+
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.05, ge=0)
+
+
+class AutoscalingConfig(StrictModel):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(8, gt=0)
+
+
+class DeploymentConfig(StrictModel):
+    """Replicas and their resources. ``autoscaling`` replaces ``num_replicas`` when set."""
+
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: AutoscalingConfig | None = None
+    num_cpus: float = Field(0.5, ge=0)
+    num_gpus: float = Field(0, ge=0)
+    # Serve's default (5) would cap a batch at 5 requests per replica.
+    max_ongoing_requests: int = Field(32, ge=1)
+    # -1: unbounded; a bound turns overload into 503s instead of growing latency.
+    max_queued_requests: int = Field(-1, ge=-1)
+
+
+class ServeConfig(StrictModel):
+    """One Serve application: the ``args`` of ``serving.app:build_app``."""
+
+    model_uri: str = Field(min_length=1)
+    # When set, the model's mint_model.json must name this task (a guard against
+    # serving the wrong model under a route).
+    task: str | None = None
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI
+    # How often a replica serving an alias asks the registry where it points; 0: never.
+    alias_poll_s: float = Field(30, ge=0)
+    max_new_tokens: int | None = Field(None, gt=0)  # None: the task's paper setting
+    # The NAME of the environment variable holding the key (never the key itself).
+    api_key_env: str | None = None
+    cors_origins: list[str] = Field(default_factory=list)  # empty: no CORS headers
+    # A dataset whose manifest meta has ``label_catalog`` (or synth's ``labels``):
+    # [{"name", "id"}]. None: the tissue ids, or the model's lineage (its preference
+    # data's cohort) when that is readable.
+    label_catalog_uri: str | None = None
+    cache_dir: str | None = None
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, task: str | None) -> str | None:
+        if task is not None and task not in TASKS:
+            raise ValueError(f"unknown task {task!r}: choose one of {', '.join(sorted(TASKS))}")
+        return task
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, name: str | None) -> str | None:
+        if name is not None and not _ENV_NAME.match(name):
+            raise ValueError("api_key_env is the name of an environment variable (e.g. MINT_API_KEY), "
+                             "not the key itself")
+        return name
+
+
+class HttpConfig(StrictModel):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+
+class Config(StrictModel):
+    """``mint-ray serve``: one application on a local (or attached) Ray cluster."""
+
+    app: ServeConfig
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    name: str = "mint"
+    route_prefix: str = "/"
+    # Block until Ctrl-C (an in-process cluster dies with this process); false
+    # returns once the application is up (with ray.address, it keeps running).
+    wait: bool = True
+
+    @model_validator(mode="after")
+    def _prefix(self) -> Config:
+        if not self.route_prefix.startswith("/"):
+            raise ValueError(f"route_prefix must start with '/' (got {self.route_prefix!r})")
+        return self
+
+
+CLI_FLAGS = {"model-uri": "app.model_uri", "task": "app.task", "tracking-uri": "app.tracking_uri",
+             "api-key-env": "app.api_key_env", "host": "http.host", "port": "http.port",
+             "address": "ray.address"}
+
+
+# ============================================================== request / response models
+
+
+class PredictRequest(BaseModel):
+    """``POST /v1/predict`` (JSON). ``image``: base64, or a ``data:image/...;base64,`` URL."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    task: str = Field(min_length=1)
+    note: str | None = None
+    image: str | None = None
+    top_k: int | None = Field(None, ge=1)
+
+
+class RankedLabel(BaseModel):
+    rank: int
+    label: str
+    id: str | None = None
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str | None
+    alias: str | None
+    uri: str
+
+
+class PredictResponse(BaseModel):
+    request_id: str
+    task: str
+    labels: list[RankedLabel]
+    parseable: bool
+    generation: str
+    model: ModelInfo
+    latency_ms: float
+
+
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    url: str
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ImageURL | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+
+
+class ChatRequest(BaseModel):
+    """The OpenAI chat-completions request; fields the server does not use are ignored."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    n: int = 1
+
+
+# ============================================================== validation (pure)
+
+
+class RequestError(Exception):
+    """A client error: HTTP status, a stable code, a message that says what to fix."""
+
+    def __init__(self, status: int, code: str, message: str, param: str | None = None,
+                 details: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.param, self.details = status, code, message, param, details
+
+
+def error_body(status: int, code: str, message: str, request_id: str, param: str | None = None,
+               details: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One error shape for every route, OpenAI-compatible (``error.message/type/code/param``)."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    if status == 401:
+        kind = "authentication_error"
+    error: dict[str, Any] = {"message": message, "type": kind, "code": code, "param": param}
+    if details:
+        error["details"] = details
+    return {"error": error, "request_id": request_id}
+
+
+def validation_details(err: ValidationError) -> list[dict[str, Any]]:
+    """Pydantic's errors without the offending input (it may be note text)."""
+    return [{"loc": ".".join(str(p) for p in e["loc"]), "msg": e["msg"], "type": e["type"]}
+            for e in err.errors()]
+
+
+def parse_json(body: bytes, model: type[BaseModel]) -> Any:
+    """Body bytes -> ``model``: 400 for bytes that are not JSON, 422 for the wrong shape or types."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RequestError(400, "malformed_json", f"request body is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise RequestError(422, "invalid_body", "request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        details = validation_details(err)
+        first = details[0]
+        raise RequestError(422, "invalid_field", f"{first['loc']}: {first['msg']}", first["loc"],
+                           details) from None
+
+
+def decode_base64(text: str, limits: LimitsConfig, param: str = "image") -> bytes:
+    """Base64 or a ``data:`` URL -> bytes, bounded by ``max_image_bytes`` before decoding."""
+    text = text.strip()
+    if text.startswith("data:"):
+        m = _DATA_URL.match(text)
+        if m is None or not m.group("b64"):
+            raise RequestError(400, "invalid_image", f"{param}: a data URL must be "
+                               "'data:image/<format>;base64,<data>'", param)
+        text = text[m.end():]
+    # 4 base64 characters carry 3 bytes.
+    if len(text) * 3 // 4 > limits.max_image_bytes + 3:
+        raise RequestError(413, "image_too_large",
+                           f"{param} is over the limit of {limits.max_image_bytes} bytes", param)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(400, "invalid_image", f"{param} is not valid base64", param) from None
+
+
+def decode_image(data: bytes, limits: LimitsConfig, param: str = "image") -> Image.Image:
+    """Image bytes -> an RGB PIL image, refusing oversized files, formats outside the
+    allowed list, and images with too many pixels *before* their pixels are decoded."""
+    if len(data) > limits.max_image_bytes:
+        raise RequestError(413, "image_too_large",
+                           f"{param} is {len(data)} bytes, over the limit of {limits.max_image_bytes}", param)
+    too_many = RequestError(413, "image_too_many_pixels",
+                            f"{param} has more than {limits.max_image_pixels} pixels", param)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))  # reads the header only
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise too_many from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise RequestError(400, "invalid_image", f"{param} is not a decodable image "
+                           f"(allowed formats: {', '.join(limits.image_formats)})", param) from None
+    if image.format not in limits.image_formats:
+        raise RequestError(415, "unsupported_image_format", f"{param} is {image.format}; allowed formats: "
+                           f"{', '.join(limits.image_formats)}", param)
+    width, height = image.size
+    if width * height > limits.max_image_pixels:
+        raise too_many
+    try:
+        image.load()
+        return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        raise RequestError(400, "invalid_image", f"{param} is truncated or corrupt", param) from None
+
+
+def check_task(name: str, served: Task) -> Task:
+    """The requested task, which must be the one this deployment's model does."""
+    if name not in TASKS:
+        raise RequestError(422, "unknown_task", f"unknown task {name!r}: choose one of "
+                           f"{', '.join(sorted(TASKS))}", "task")
+    if name != served.name:
+        raise RequestError(422, "wrong_task", f"this deployment serves task {served.name!r}, not {name!r}: "
+                           f"send {name} requests to a deployment of a {name} model", "task")
+    return served
+
+
+def prompt_for(task: Task, note: str | None, top_k: int) -> list[dict[str, Any]]:
+    """The student's prompt (the same as the preference data's): the note for text tasks,
+    the candidate labels for image tasks. A smaller ``top_k`` than the trained count
+    asks for the trained count and keeps the first ``top_k``."""
+    n = max(top_k, task.n_answers)
+    if task.modality == "text":
+        return task.prompt_messages(note=note, n_answers=n)
+    return task.prompt_messages(candidates=list(task.labels), n_answers=n)
+
+
+def data_url_of(url: str) -> str:
+    if not url.startswith("data:"):
+        raise RequestError(422, "unsupported_image_url", "image_url must be a data: URL "
+                           "(data:image/png;base64,...); the server fetches nothing", "messages")
+    return url
+
+
+def chat_inputs(request: ChatRequest) -> tuple[str, str | None]:
+    """(text, image data URL) of the last user message of an OpenAI chat request."""
+    if request.stream:
+        raise RequestError(400, "unsupported_parameter", "stream=true is not supported", "stream")
+    if request.n != 1:
+        raise RequestError(400, "unsupported_parameter", "only n=1 is supported", "n")
+    users = [m for m in request.messages if m.role == "user"]
+    if not users:
+        raise RequestError(422, "invalid_field", "messages has no user message", "messages")
+    content = users[-1].content
+    if content is None or isinstance(content, str):
+        return content or "", None
+    texts = [p.text or "" for p in content if p.type == "text"]
+    images = [p.image_url.url for p in content if p.type == "image_url" and p.image_url is not None]
+    if len(images) > 1:
+        raise RequestError(422, "invalid_field", "send one image per request", "messages")
+    return "\n".join(texts), data_url_of(images[0]) if images else None
+
+
+class LabelIds:
+    """Label name -> id, for the names a student writes: exact after normalising
+    (as the metrics do), else the closest catalog name at the metrics' fuzzy threshold."""
+
+    def __init__(self, catalog: dict[str, str]) -> None:
+        self._exact: dict[str, str] = {}
+        self._names: list[tuple[str, str]] = []
+        for name, label_id in catalog.items():
+            for syn in synonyms(name):
+                self._exact.setdefault(syn, label_id)
+                self._names.append((syn, label_id))
+
+    def __len__(self) -> int:
+        return len(self._exact)
+
+    def lookup(self, item: str) -> str | None:
+        wanted = normalise(item)
+        if not wanted:
+            return None
+        if wanted in self._exact:
+            return self._exact[wanted]
+        best, best_id = THRESHOLD, None
+        matcher = SequenceMatcher()
+        matcher.set_seq2(wanted)  # SequenceMatcher caches what it learns about seq2
+        for name, label_id in self._names:
+            matcher.set_seq1(name)
+            # The cheap upper bounds first, as difflib.get_close_matches does.
+            if matcher.real_quick_ratio() >= best and matcher.quick_ratio() >= best:
+                ratio = matcher.ratio()
+                if ratio >= best:
+                    best, best_id = ratio, label_id
+        return best_id
+
+
+def ranked_labels(task: Task, generation: str, top_k: int, ids: LabelIds) -> tuple[list[RankedLabel], bool]:
+    """The first ``top_k`` items of the answer, read with the task's one parser."""
+    parsed = task.parse_answer(generation)
+    labels = [RankedLabel(rank=i, label=item, id=ids.lookup(item))
+              for i, item in enumerate(parsed.items[:top_k], start=1)]
+    return labels, parsed.parseable
+
+
+# ============================================================== models and the registry
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What ``model_uri`` names: a registered model by alias or version, or a directory."""
+
+    uri: str
+    name: str
+    alias: str | None = None
+    version: str | None = None
+
+    @property
+    def registered(self) -> bool:
+        return self.uri.startswith("models:/")
+
+
+def parse_model_uri(uri: str) -> ModelRef:
+    if uri.startswith("models:/"):
+        rest = uri[len("models:/"):].strip("/")
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            return ModelRef(uri, name, alias=alias)
+        name, _, version = rest.partition("/")
+        return ModelRef(uri, name, version=version or None)
+    return ModelRef(uri, uri.rstrip("/").rsplit("/", 1)[-1])
+
+
+def alias_version(ref: ModelRef) -> str:
+    """The version ``ref``'s alias points at now."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(MlflowClient().get_model_version_by_alias(ref.name, str(ref.alias)).version)
+    except MlflowException as err:
+        raise MintError(f"{ref.uri}: the registry has no alias {ref.alias!r} on model {ref.name!r} "
+                        f"({str(err).splitlines()[0]})") from None
+
+
+def pinned_version(ref: ModelRef) -> str | None:
+    """The version to load now: the alias's target, the pinned version, or None (a directory)."""
+    if ref.alias:
+        return alias_version(ref)
+    return ref.version
+
+
+def read_catalog(uri: str) -> dict[str, str]:
+    """``{name: id}`` from a dataset manifest's ``label_catalog`` (or synth's ``labels``)."""
+    manifest = storage.read_manifest(uri)
+    if manifest is None:
+        raise MintError(f"label catalog {uri!r}: no dataset manifest there")
+    catalog = manifest.meta.get("label_catalog") or manifest.meta.get("labels") or []
+    return {str(item["name"]): str(item["id"]) for item in catalog
+            if isinstance(item, dict) and item.get("name") and item.get("id")}
+
+
+def label_catalog(task: Task, metadata: dict[str, Any], catalog_uri: str | None) -> dict[str, str]:
+    """The ids the server can report: the configured catalog, the tissue slugs, or the
+    catalog of the cohort the model was trained from (empty when that is unreadable)."""
+    if catalog_uri:
+        return read_catalog(catalog_uri)
+    if task.name == TISSUE_TYPE.name:
+        from mint_ray.data.tissue_type import tissue_id
+
+        return {name: tissue_id(name) for name in TISSUE_TYPES}
+    if not metadata.get("data_uri"):
+        return {}
+    try:
+        prefs = storage.read_manifest(metadata["data_uri"])
+        cohort = (prefs.meta.get("cohort") or {}).get("uri") if prefs else None
+        return read_catalog(cohort) if cohort else {}
+    except Exception as err:  # ids are best effort: answers are served without them
+        log.warning("no label ids for %s: %s", task.name, storage.redact(str(err).splitlines()[0]))
+        return {}
+
+
+@dataclass
+class LoadedModel:
+    """A loaded student and where it came from; replaced whole on an alias move."""
+
+    generator: Any  # mint_ray.generation.Generator
+    ref: ModelRef
+    version: str | None
+    task: Task
+    metadata: dict[str, Any]
+    ids: LabelIds
+    local_dir: Path
+    loaded_at: float = field(default_factory=time.time)
+
+    def info(self) -> ModelInfo:
+        return ModelInfo(name=self.ref.name, version=self.version, alias=self.ref.alias, uri=self.ref.uri)
+
+    def names(self) -> set[str]:
+        """What an OpenAI client may put in ``model``."""
+        out = {self.ref.name, self.ref.uri}
+        if self.version:
+            out.add(f"{self.ref.name}/{self.version}")
+        if self.ref.alias:
+            out.add(f"{self.ref.name}@{self.ref.alias}")
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        source = f"models:/{self.ref.name}/{self.version}" if self.version else self.ref.uri
+        return {"id": self.ref.name, "object": "model", "created": int(self.loaded_at), "owned_by": "mint-ray",
+                "name": self.ref.name, "version": self.version, "alias": self.ref.alias, "task": self.task.name,
+                "kind": self.metadata.get("kind"), "objective": self.metadata.get("objective"),
+                "base_model": self.metadata.get("base_model"), "model_uri": self.ref.uri, "source": source,
+                "label_ids": len(self.ids)}
+
+
+def load_model(cfg: ServeConfig, ref: ModelRef, version: str | None, cache_dir: Path) -> LoadedModel:
+    """Download (registered models: exactly ``version``) and load the student."""
+    from mint_ray.generation import load_generator
+    from mint_ray.registry import resolve_model_dir
+
+    target = Path(tempfile.mkdtemp(prefix=f"v{version or 'dir'}-", dir=cache_dir))
+    uri = f"models:/{ref.name}/{version}" if ref.registered and version else ref.uri
+    model_dir = resolve_model_dir(uri, target)
+    generator = load_generator(model_dir)
+    if generator.task not in TASKS:
+        raise MintError(f"{uri}: mint_model.json names task {generator.task!r}; "
+                        f"a served model must do one of {', '.join(sorted(TASKS))}")
+    if cfg.task and generator.task != cfg.task:
+        raise MintError(f"{uri} is a {generator.task} model but the application is configured for "
+                        f"task {cfg.task!r}: fix model_uri or task")
+    task = get_task(generator.task)
+    ids = LabelIds(label_catalog(task, generator.metadata, cfg.label_catalog_uri))
+    return LoadedModel(generator, ref, version, task, generator.metadata, ids, target)
+
+
+def read_api_key(cfg: ServeConfig) -> bytes | None:
+    if cfg.api_key_env is None:
+        return None
+    key = os.environ.get(cfg.api_key_env, "")
+    if not key:
+        raise MintError(f"api_key_env is {cfg.api_key_env!r} but that environment variable is empty "
+                        "on the replica: set it (or drop api_key_env to serve without a key)")
+    return key.encode()
+
+
+# ============================================================== HTTP plumbing
+
+
+def route_path(scope: Scope) -> str:
+    """The path inside the application (Serve passes the route prefix as root_path)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):] or "/"
+    return path
+
+
+def request_id_of(scope: Scope) -> str:
+    for key, value in scope.get("headers", []):
+        if key == b"x-request-id":
+            return value.decode("latin-1")
+    return ""
+
+
+class RequestGuard:
+    """Pure ASGI middleware in front of every route: the bearer key, then the body limit
+    (Content-Length, and the bytes actually received), then the app with the body replayed."""
+
+    def __init__(self, app: ASGIApp, api_key: bytes | None, max_body_bytes: int) -> None:
+        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int, code: str, message: str,
+                      headers: dict[str, str] | None = None) -> None:
+        body = error_body(status, code, message, request_id_of(scope))
+        await JSONResponse(body, status_code=status, headers=headers)(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        assert self.api_key is not None
+        for key, value in scope.get("headers", []):
+            if key == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
+        return False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        scope.setdefault("state", {})["started"] = time.perf_counter()
+        if self.api_key is not None and route_path(scope) not in OPEN_PATHS and not self._authorized(scope):
+            await self._refuse(scope, receive, send, 401, "unauthorized",
+                               "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                               {"WWW-Authenticate": "Bearer"})
+            return
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        too_large = f"request body is over the limit of {self.max_body_bytes} bytes"
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                await self._refuse(scope, receive, send, 400, "bad_content_length", "Content-Length is not a number")
+                return
+            if int(declared) > self.max_body_bytes:
+                await self._refuse(scope, receive, send, 413, "body_too_large", too_large)
+                return
+        body = bytearray()
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > self.max_body_bytes:  # chunked uploads declare no length
+                await self._refuse(scope, receive, send, 413, "body_too_large", too_large)
+                return
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+# ============================================================== the deployment
+
+
+@dataclass(frozen=True)
+class Job:
+    """One validated request, ready for the batch."""
+
+    messages: list[dict[str, Any]]
+    image: Image.Image | None
+    top_k: int
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    model: LoadedModel
+
+
+@serve.deployment(name=DEPLOYMENT_NAME)
+@serve.ingress()
+class MintStudent:
+    """A replica: the model, the alias watcher, the batcher and the HTTP routes."""
+
+    async def __init__(self, config: dict[str, Any]) -> None:
+        self.cfg = ServeConfig.model_validate(config)
+        # PIL's own guard for any decode path, at the configured limit.
+        Image.MAX_IMAGE_PIXELS = self.cfg.limits.max_image_pixels
+        self.api_key = read_api_key(self.cfg)
+        if self.cfg.tracking_uri:
+            import mlflow
+
+            mlflow.set_tracking_uri(self.cfg.tracking_uri)
+        self.ref = parse_model_uri(self.cfg.model_uri)
+        self._own_cache = self.cfg.cache_dir is None
+        self.cache_dir = Path(self.cfg.cache_dir or tempfile.mkdtemp(prefix="mint-serve-"))
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        version = await asyncio.to_thread(pinned_version, self.ref)
+        self.model: LoadedModel = await asyncio.to_thread(load_model, self.cfg, self.ref, version, self.cache_dir)
+        self.alias_error: str | None = None
+        self.alias_checked_at: float | None = None
+        self._watcher: asyncio.Task | None = None
+        if self.ref.alias and self.cfg.alias_poll_s > 0:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_alias())
+        log.info("serving %s (version %s, task %s)", self.ref.uri, self.model.version, self.model.task.name)
+
+    def __serve_build_asgi_app__(self) -> ASGIApp:
+        return create_api(self)
+
+    def __del__(self) -> None:
+        """Serve calls this when it stops the replica: stop polling, drop downloaded weights."""
+        if getattr(self, "_watcher", None) is not None:
+            self._watcher.cancel()
+        if getattr(self, "_own_cache", False):
+            shutil.rmtree(self.cache_dir, ignore_errors=True)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """``user_config`` carries the batching settings; Serve calls this on start and on
+        every change, without restarting the replica."""
+        batching = BatchingConfig.model_validate(user_config or {})
+        self._generate.set_max_batch_size(batching.max_batch_size)
+        self._generate.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+
+    @property
+    def max_new_tokens(self) -> int:
+        from mint_ray.generation import SAMPLING_TEXT, SAMPLING_VISION
+
+        default = SAMPLING_TEXT if self.model.task.modality == "text" else SAMPLING_VISION
+        return self.cfg.max_new_tokens or int(default["max_new_tokens"])
+
+    async def _watch_alias(self) -> None:
+        """Follow the alias: load a new version beside the old one, then swap the reference."""
+        while True:
+            await asyncio.sleep(self.cfg.alias_poll_s)
+            try:
+                version = await asyncio.to_thread(alias_version, self.ref)
+                self.alias_checked_at, self.alias_error = time.time(), None
+                if version == self.model.version:
+                    continue
+                log.info("alias %s moved to version %s: loading it", self.ref.uri, version)
+                new = await asyncio.to_thread(load_model, self.cfg, self.ref, version, self.cache_dir)
+                if new.task.name != self.model.task.name:
+                    raise MintError(f"version {version} is a {new.task.name} model; this deployment serves "
+                                    f"{self.model.task.name}: keeping version {self.model.version}")
+                old, self.model = self.model, new
+                # Batches in flight hold ``old`` itself; its files are no longer read.
+                shutil.rmtree(old.local_dir, ignore_errors=True)
+                log.info("now serving %s version %s", self.ref.name, new.version)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # keep serving the loaded version
+                self.alias_error = storage.redact(str(err).splitlines()[0] if str(err) else type(err).__name__)
+                log.warning("alias check of %s failed: %s", self.ref.uri, self.alias_error)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)  # replaced from config by reconfigure()
+    async def _generate(self, jobs: list[Job]) -> list[Answer]:
+        model = self.model  # one model for the whole batch, even if the alias moves now
+        images = [j.image for j in jobs] if model.task.modality == "image" else None
+        texts = await asyncio.to_thread(model.generator.generate, [j.messages for j in jobs], images,
+                                        max_new_tokens=self.max_new_tokens)
+        return [Answer(text, model) for text in texts]
+
+    async def prepare(self, task_name: str, note: str | None, image: bytes | str | None,
+                      top_k: int | None) -> Job:
+        """Validate one request against the loaded model and the limits."""
+        task = check_task(task_name, self.model.task)
+        limits = self.cfg.limits
+        k = top_k or task.n_answers
+        if k > limits.max_top_k:
+            raise RequestError(422, "invalid_field", f"top_k is at most {limits.max_top_k}", "top_k")
+        if task.modality == "text":
+            if image is not None:
+                raise RequestError(422, "wrong_input", f"task {task.name} reads a clinical note, not an image",
+                                   "image")
+            if note is None or not note.strip():
+                raise RequestError(422, "missing_note", f"task {task.name} needs a non-empty 'note'", "note")
+            if len(note) > limits.max_note_chars:
+                raise RequestError(422, "note_too_long", f"note is {len(note)} characters, over the limit of "
+                                   f"{limits.max_note_chars}", "note")
+            return Job(prompt_for(task, note, k), None, k)
+        if image is None:
+            raise RequestError(422, "missing_image", f"task {task.name} needs an 'image'", "image")
+        raw = decode_base64(image, limits) if isinstance(image, str) else image
+        pil = await asyncio.to_thread(decode_image, raw, limits)
+        return Job(prompt_for(task, None, k), pil, k)
+
+    async def answer(self, job: Job) -> Answer:
+        return await self._generate(job)
+
+
+async def _form_inputs(request: Request, limits: LimitsConfig) -> tuple[dict[str, Any], bytes | str | None]:
+    """Multipart fields (``task``, ``top_k``, ``note``) and the ``image`` file (or base64 field)."""
+    try:
+        form = await request.form(max_files=1, max_fields=8, max_part_size=limits.max_note_chars * 4 + 1024)
+    except Exception as err:  # python-multipart's errors, Starlette's limits
+        raise RequestError(400, "malformed_form", f"multipart body could not be read: {err}") from None
+    fields: dict[str, Any] = {}
+    image: bytes | str | None = None
+    for key, value in form.multi_items():
+        if key == "image":
+            image = value if isinstance(value, str) else await value.read()
+        elif key in ("task", "note", "top_k"):
+            fields[key] = value if isinstance(value, str) else None
+        else:
+            raise RequestError(422, "invalid_field", f"unknown form field {key!r}; use task, top_k, note, image",
+                               key)
+    if isinstance(fields.get("top_k"), str):
+        if not fields["top_k"].strip().isdigit():
+            raise RequestError(422, "invalid_field", "top_k must be a whole number", "top_k")
+        fields["top_k"] = int(fields["top_k"])
+    return fields, image
+
+
+def create_api(service: MintStudent) -> ASGIApp:
+    """The FastAPI app of one replica (built after the model is loaded)."""
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.middleware.cors import CORSMiddleware
+
+    cfg = service.cfg
+    api = FastAPI(title="mint-ray", description="MINT student served with Ray Serve", version="1")
+
+    def rid(request: Request) -> str:
+        return request.headers.get("x-request-id", "")
+
+    @api.exception_handler(RequestError)
+    async def _request_error(request: Request, err: RequestError) -> JSONResponse:
+        return JSONResponse(error_body(err.status, err.code, err.message, rid(request), err.param, err.details),
+                            status_code=err.status)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(err.status_code, "http_error", str(err.detail), rid(request)),
+                            status_code=err.status_code, headers=getattr(err, "headers", None))
+
+    @api.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+        details = [{"loc": ".".join(str(p) for p in e["loc"]), "msg": e["msg"], "type": e["type"]}
+                   for e in err.errors()]
+        return JSONResponse(error_body(422, "invalid_field", "invalid request", rid(request), details=details),
+                            status_code=422)
+
+    @api.exception_handler(Exception)
+    async def _internal(request: Request, err: Exception) -> JSONResponse:
+        log.error("request %s failed: %s", rid(request), type(err).__name__)
+        return JSONResponse(error_body(500, "internal_error", "internal error; the request id is in the "
+                                       "server's log", rid(request)), status_code=500)
+
+    def elapsed_ms(request: Request) -> float:
+        started = getattr(request.state, "started", None) or time.perf_counter()
+        return round((time.perf_counter() - started) * 1000, 2)
+
+    @api.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz() -> JSONResponse:
+        model = getattr(service, "model", None)
+        if model is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "ready", "model": model.ref.name, "version": model.version,
+                             "task": model.task.name, "alias_checked_at": service.alias_checked_at,
+                             "alias_error": service.alias_error})
+
+    @api.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [service.model.describe()]}
+
+    predict_body = {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": PredictRequest.model_json_schema()},
+        "multipart/form-data": {"schema": {"type": "object", "required": ["task", "image"], "properties": {
+            "task": {"type": "string"}, "top_k": {"type": "integer"}, "note": {"type": "string"},
+            "image": {"type": "string", "format": "binary"}}}}}}}
+
+    @api.post("/v1/predict", response_model=PredictResponse, openapi_extra=predict_body)
+    async def predict(request: Request) -> PredictResponse:
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        image: bytes | str | None
+        if content_type == "multipart/form-data":
+            fields, image = await _form_inputs(request, cfg.limits)
+            try:
+                req = PredictRequest.model_validate(fields)
+            except ValidationError as err:
+                details = validation_details(err)
+                raise RequestError(422, "invalid_field", f"{details[0]['loc']}: {details[0]['msg']}",
+                                   details[0]["loc"], details) from None
+        elif content_type in ("application/json", ""):
+            req = parse_json(await request.body(), PredictRequest)
+            image = req.image
+        else:
+            raise RequestError(415, "unsupported_media_type", "send application/json or multipart/form-data")
+        job = await service.prepare(req.task, req.note, image, req.top_k)
+        answer = await service.answer(job)
+        labels, parseable = ranked_labels(answer.model.task, answer.text, job.top_k, answer.model.ids)
+        return PredictResponse(request_id=rid(request), task=answer.model.task.name, labels=labels,
+                               parseable=parseable, generation=answer.text, model=answer.model.info(),
+                               latency_ms=elapsed_ms(request))
+
+    @api.post("/v1/chat/completions")
+    async def chat(request: Request) -> dict[str, Any]:
+        req = parse_json(await request.body(), ChatRequest)
+        model = service.model
+        if req.model is not None and req.model not in model.names():
+            raise RequestError(404, "model_not_found", f"model {req.model!r} is not served here; this "
+                               f"deployment serves {model.ref.name!r} (see GET /v1/models)", "model")
+        text, image = chat_inputs(req)
+        job = await service.prepare(model.task.name, text if model.task.modality == "text" else None,
+                                    image, None)
+        answer = await service.answer(job)
+        labels, parseable = ranked_labels(answer.model.task, answer.text, job.top_k, answer.model.ids)
+        tokens = len(answer.model.generator.tokenizer(answer.text, add_special_tokens=False)["input_ids"])
+        served = answer.model.info()
+        return {"id": f"chatcmpl-{rid(request) or int(time.time() * 1000)}", "object": "chat.completion",
+                "created": int(time.time()), "model": f"{served.name}/{served.version}" if served.version
+                else served.name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
+                             "finish_reason": "length" if tokens >= service.max_new_tokens else "stop"}],
+                "mint": {"task": answer.model.task.name, "labels": [lb.model_dump() for lb in labels],
+                         "parseable": parseable, "model": served.model_dump(),
+                         "latency_ms": elapsed_ms(request)}}
+
+    api.add_middleware(RequestGuard, api_key=service.api_key, max_body_bytes=cfg.limits.max_body_bytes)
+    if cfg.cors_origins:  # added last: outermost, so 401/413 answers carry CORS headers too
+        api.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    return api
+
+
+def build_app(args: dict[str, Any] | ServeConfig) -> serve.Application:
+    """The Serve application for ``args`` (a ServeConfig or its dict: ``serve run`` args)."""
+    cfg = args if isinstance(args, ServeConfig) else ServeConfig.model_validate(args)
+    dep = cfg.deployment
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": dep.num_cpus, "num_gpus": dep.num_gpus},
+        "max_ongoing_requests": max(dep.max_ongoing_requests, cfg.batching.max_batch_size),
+        "max_queued_requests": dep.max_queued_requests,
+        "user_config": cfg.batching.model_dump(),
+    }
+    if dep.autoscaling is not None:
+        options["autoscaling_config"] = dep.autoscaling.model_dump()
+    else:
+        options["num_replicas"] = dep.num_replicas
+    # Batching and replica settings reach Serve as options and user_config, not as
+    # constructor args: changing them is a light update (reconfigure, scale), never a restart.
+    return MintStudent.options(**options).bind(cfg.model_dump(mode="json", exclude={"batching", "deployment"}))
+
+
+# ============================================================== running it
+
+
+def preflight(cfg: ServeConfig) -> None:
+    """Fail on the driver, with the fix, before Serve retries a replica that cannot start."""
+    if cfg.tracking_uri:
+        import mlflow
+
+        mlflow.set_tracking_uri(cfg.tracking_uri)
+    ref = parse_model_uri(cfg.model_uri)
+    if ref.registered:
+        if ref.alias:
+            alias_version(ref)
+        elif ref.version:
+            from mlflow import MlflowClient
+            from mlflow.exceptions import MlflowException
+
+            try:
+                MlflowClient().get_model_version(ref.name, ref.version)
+            except MlflowException:
+                raise MintError(f"{ref.uri}: the registry has no version {ref.version} of {ref.name!r}") from None
+    elif not storage.is_s3(ref.uri) and not Path(ref.uri).is_dir():
+        raise MintError(f"model_uri {ref.uri!r} is neither models:/..., s3:// nor a local directory")
+    read_api_key(cfg)
+
+
+def deploy(apps: dict[str, tuple[ServeConfig, str]], http: HttpConfig, ray_cfg: RayConfig | None = None) -> str:
+    """Start Serve (once per cluster) and run ``apps`` (name -> (config, route prefix));
+    returns the base URL. Each call waits until its applications are RUNNING."""
+    from mint_ray.ray_cluster import init_ray
+
+    for cfg, _ in apps.values():
+        preflight(cfg)
+    init_ray(ray_cfg or RayConfig())
+    serve.start(http_options={"host": http.host, "port": http.port})
+    # One call: the applications' replicas start (download, load) side by side.
+    serve.run_many([serve.RunTarget(build_app(cfg), name=name, route_prefix=prefix)
+                    for name, (cfg, prefix) in apps.items()])
+    host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
+    return f"http://{host}:{http.port}"
+
+
+def ask(url: str, task: str, *, note: str | None = None, image: bytes | None = None, top_k: int | None = None,
+        api_key: str | None = None, timeout_s: float = 120) -> dict[str, Any]:
+    """One ``POST <url>/v1/predict`` (stdlib only); raises MintError with the server's message on 4xx/5xx."""
+    body: dict[str, Any] = {"task": task}
+    if note is not None:
+        body["note"] = note
+    if image is not None:
+        body["image"] = base64.b64encode(image).decode()
+    if top_k is not None:
+        body["top_k"] = top_k
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    req = urllib.request.Request(f"{url.rstrip('/')}/v1/predict", json.dumps(body).encode(), headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        try:
+            detail = json.loads(err.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):  # not our JSON error (a proxy's page)
+            detail = err.reason
+        raise MintError(f"{url}: HTTP {err.code}: {detail}") from None
+
+
+def serve_and_ask(models: dict[str, str], cases: dict[str, dict[str, Any]], *, http: HttpConfig | None = None,
+                  tracking_uri: str | None = None, ray_cfg: RayConfig | None = None) -> dict[str, dict[str, Any]]:
+    """The local demo's last step: serve each task's model (task -> model URI) as its own
+    application under ``/<task>``, send one request per task (task -> ``{"note": ...}`` or
+    ``{"image": png bytes}``) and return the answers. Serve keeps running; ``serve.shutdown()``
+    (or the end of the process) stops it."""
+    http = http or HttpConfig()
+    apps = {f"mint-{task}": (ServeConfig(model_uri=uri, task=task, tracking_uri=tracking_uri), f"/{task}")
+            for task, uri in models.items()}
+    base = deploy(apps, http, ray_cfg)
+    return {task: ask(f"{base}/{task}", task, **cases[task]) for task in models}
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """``mint-ray serve``: deploy one application and (by default) serve until Ctrl-C."""
+    base = deploy({cfg.name: (cfg.app, cfg.route_prefix)}, cfg.http, cfg.ray)
+    url = f"{base}{cfg.route_prefix.rstrip('/')}"
+    summary = {"url": url, "app": cfg.name, "model_uri": cfg.app.model_uri,
+               "routes": ["/v1/predict", "/v1/chat/completions", "/v1/models", "/healthz", "/readyz"]}
+    if not cfg.wait:
+        return summary
+    print(f"[serve] {cfg.app.model_uri} at {url} (try {url}/v1/models); Ctrl-C stops", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+    serve.shutdown()
+    return {**summary, "stopped": True}

@@ -1,0 +1,1 @@
+"""The Ray Serve application of mint-ray (``serving.app:build_app``)."""

@@ -1,0 +1,566 @@
+"""Serving: the pure request checks, then a real Ray Serve on 127.0.0.1 serving tiny
+students registered in a real MLflow server, spoken to over HTTP: every route, every
+4xx, the API key, CORS, the logs, ``mint-ray serve``, and an alias move under load."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import struct
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from mint_ray import storage
+from mint_ray.errors import ConfigError
+from mint_ray.serving_app import (
+    ChatRequest,
+    LabelIds,
+    LimitsConfig,
+    PredictRequest,
+    RequestError,
+    ServeConfig,
+    chat_inputs,
+    check_task,
+    decode_base64,
+    decode_image,
+    label_catalog,
+    parse_json,
+    parse_model_uri,
+    prompt_for,
+    ranked_labels,
+)
+from mint_ray.tasks import RARE_DISEASE, TISSUE_TYPE, TISSUE_TYPES
+from tests.conftest import free_port
+
+KEY_ENV = "MINT_TEST_SERVE_KEY"
+KEY = f"k-{uuid.uuid4().hex}"
+SMALL = LimitsConfig(max_body_bytes=2**20, max_note_chars=2000, max_image_bytes=200_000,
+                     max_image_pixels=512 * 512, max_top_k=10)
+
+
+def png(size: tuple[int, int] = (64, 64), mode: str = "RGB", noise: bool = False, fmt: str = "PNG") -> bytes:
+    image = Image.frombytes(mode, size, os.urandom(size[0] * size[1] * len(mode))) if noise \
+        else Image.new(mode, size, 128)
+    buf = io.BytesIO()
+    image.save(buf, fmt)
+    return buf.getvalue()
+
+
+def bomb_header(width: int = 50_000, height: int = 50_000) -> bytes:
+    """A valid PNG whose header claims ``width`` x ``height`` pixels (a few hundred bytes)."""
+    raw = png((1, 1), "L")
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return raw[:8] + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) + raw[33:]
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+# ============================================================== pure checks
+
+
+def code_of(fn: Any, *args: Any) -> tuple[int, str]:
+    with pytest.raises(RequestError) as err:
+        fn(*args)
+    return err.value.status, err.value.code
+
+
+def test_decode_image_accepts_and_converts() -> None:
+    image = decode_image(png((40, 30), "L"), SMALL)
+    assert image.size == (40, 30) and image.mode == "RGB"
+
+
+@pytest.mark.parametrize(("data", "status", "code"), [
+    (bomb_header(), 413, "image_too_many_pixels"),
+    (png((1024, 1024), "L"), 413, "image_too_many_pixels"),  # real, compresses to a few KB
+    (png((300, 300), noise=True), 413, "image_too_large"),
+    (png(fmt="GIF", mode="L"), 415, "unsupported_image_format"),
+    (b"not an image at all", 400, "invalid_image"),
+    (png((200, 200), noise=True)[:5000], 400, "invalid_image"),  # truncated
+], ids=["bomb-header", "bomb-real", "too-many-bytes", "gif", "garbage", "truncated"])
+def test_decode_image_refuses(data: bytes, status: int, code: str) -> None:
+    assert code_of(decode_image, data, SMALL) == (status, code)
+
+
+def test_base64_and_data_urls() -> None:
+    data = png()
+    assert decode_base64(b64(data), SMALL) == data
+    assert decode_base64(f"data:image/png;base64,{b64(data)}", SMALL) == data
+    assert code_of(decode_base64, "***", SMALL) == (400, "invalid_image")
+    assert code_of(decode_base64, "data:image/png,rawbytes", SMALL) == (400, "invalid_image")
+    assert code_of(decode_base64, "A" * 400_000, SMALL) == (413, "image_too_large")
+
+
+def test_parse_json_errors_never_echo_the_input() -> None:
+    assert code_of(parse_json, b"{bad", PredictRequest) == (400, "malformed_json")
+    assert code_of(parse_json, b"\xff\xfe", PredictRequest) == (400, "malformed_json")
+    assert code_of(parse_json, b"[1, 2]", PredictRequest) == (422, "invalid_body")
+    with pytest.raises(RequestError) as err:
+        parse_json(b'{"task": "rare_disease", "note": "PRIVATE-NOTE", "top_k": "3"}', PredictRequest)
+    assert err.value.status == 422 and err.value.param == "top_k"
+    assert "PRIVATE-NOTE" not in str(err.value.details) + err.value.message
+    assert code_of(parse_json, b'{"task": "x", "colour": 1}', PredictRequest)[0] == 422
+
+
+def test_task_checks_and_prompt() -> None:
+    assert check_task("rare_disease", RARE_DISEASE) is RARE_DISEASE
+    assert code_of(check_task, "cardiology", RARE_DISEASE) == (422, "unknown_task")
+    assert code_of(check_task, "tissue_type", RARE_DISEASE) == (422, "wrong_task")
+    assert prompt_for(RARE_DISEASE, "a note", 3) == RARE_DISEASE.prompt_messages(note="a note", n_answers=10)
+    assert prompt_for(TISSUE_TYPE, None, 7) == TISSUE_TYPE.prompt_messages(candidates=list(TISSUE_TYPES),
+                                                                            n_answers=7)
+
+
+def test_chat_inputs() -> None:
+    url = f"data:image/png;base64,{b64(png())}"
+    req = ChatRequest.model_validate({"messages": [
+        {"role": "system", "content": "ignored"},
+        {"role": "user", "content": [{"type": "text", "text": "what tissue"},
+                                     {"type": "image_url", "image_url": {"url": url}}]}]})
+    assert chat_inputs(req) == ("what tissue", url)
+    assert chat_inputs(ChatRequest.model_validate({"messages": [{"role": "user", "content": "note"}]})) == \
+        ("note", None)
+    remote = ChatRequest.model_validate({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://169.254.169.254/x.png"}}]}]})
+    assert code_of(chat_inputs, remote) == (422, "unsupported_image_url")
+    streamed = ChatRequest.model_validate({"stream": True, "messages": [{"role": "user", "content": "x"}]})
+    assert code_of(chat_inputs, streamed) == (400, "unsupported_parameter")
+    assert code_of(chat_inputs, ChatRequest.model_validate({"messages": [{"role": "system", "content": "x"}]})) \
+        == (422, "invalid_field")
+
+
+def test_ranked_labels_with_ids() -> None:
+    ids = LabelIds({"Marfan syndrome": "OMIM:154700", "Wilson disease": "OMIM:277900"})
+    text = RARE_DISEASE.format_answer(["Marfan Syndrome", "Wilsons disease", "Something else"])
+    labels, parseable = ranked_labels(RARE_DISEASE, text, 2, ids)
+    assert parseable
+    assert [(lb.rank, lb.label, lb.id) for lb in labels] == [(1, "Marfan Syndrome", "OMIM:154700"),
+                                                             (2, "Wilsons disease", "OMIM:277900")]
+    labels, parseable = ranked_labels(RARE_DISEASE, "no list here", 10, ids)
+    assert labels == [] and not parseable
+    assert ids.lookup("Completely different") is None
+
+
+def test_label_catalog_follows_the_lineage(tmp_path: Path) -> None:
+    table = pa.table({"x": [1]})
+    cohort = str(tmp_path / "cohort")
+    storage.write_dataset(cohort, table, meta={"labels": [{"name": "Marfan syndrome", "id": "OMIM:154700"},
+                                                          {"name": "No id here"}]})
+    prefs = str(tmp_path / "prefs")
+    storage.write_dataset(prefs, table, meta={"cohort": {"uri": cohort}})
+    assert label_catalog(RARE_DISEASE, {"data_uri": prefs}, None) == {"Marfan syndrome": "OMIM:154700"}
+    assert label_catalog(RARE_DISEASE, {"data_uri": ""}, cohort) == {"Marfan syndrome": "OMIM:154700"}
+    assert label_catalog(RARE_DISEASE, {"data_uri": str(tmp_path / "missing")}, None) == {}
+    assert label_catalog(TISSUE_TYPE, {}, None)["Head & Neck"] == "head_neck"
+
+
+def test_model_uris_and_config() -> None:
+    assert parse_model_uri("models:/m@champion").alias == "champion"
+    ref = parse_model_uri("models:/m/3")
+    assert (ref.name, ref.version, ref.alias) == ("m", "3", None)
+    assert parse_model_uri("s3://b/students/x/model/").name == "model"
+    from mint_ray.config import build_config
+
+    with pytest.raises(ConfigError, match="name of an environment variable"):
+        build_config(ServeConfig, {"model_uri": "x", "api_key_env": "sk-123-secret"})
+    with pytest.raises(ConfigError, match=r"unknown key 'limits\.max_body'"):
+        build_config(ServeConfig, {"model_uri": "x", "limits": {"max_body": 1}})
+    with pytest.raises(ConfigError, match="unknown task"):
+        build_config(ServeConfig, {"model_uri": "x", "task": "cardiology"})
+
+
+def test_shipped_serve_configs_are_valid_serve_configs() -> None:
+    import yaml
+
+    from mint_ray.config import build_config
+
+    repo = Path(__file__).resolve().parents[1]
+    local = yaml.safe_load((repo / "serving" / "config.yaml").read_text())
+    service = yaml.safe_load((repo / "cluster" / "kubernetes" / "rayservice.yaml").read_text())
+    cluster = yaml.safe_load(service["spec"]["serveConfigV2"])
+    for config in (local, cluster):
+        for app in config["applications"]:
+            cfg = build_config(ServeConfig, app["args"])
+            assert cfg.model_uri.startswith("models:/") and "@" in cfg.model_uri
+            assert [d["name"] for d in app.get("deployments", [])] in ([], ["MintStudent"])
+
+
+# ============================================================== live Serve
+
+
+@dataclass
+class Served:
+    base: str
+    text: httpx.Client  # /text: rare_disease, key required, CORS on, alias polled every second
+    vision: httpx.Client  # /vision: tissue_type, no key, no CORS
+    tracking_uri: str
+    text_name: str
+    vision_name: str
+    text_uri: str
+    vision_uri: str
+    tmp: Path
+    logs_dir: Path
+
+
+def register(tracking_uri: str, model_dir: Path, name: str, alias: str | None = "champion") -> str:
+    import mlflow
+    from mlflow import MlflowClient
+
+    from mint_ray.registry import log_student
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("serving-tests")
+    with mlflow.start_run():
+        version = log_student(model_dir, name, {"task": "test"})["version"]
+    if alias:
+        MlflowClient().set_registered_model_alias(name, alias, version)
+    return version
+
+
+@pytest.fixture(scope="module")
+def served(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    import ray
+    from ray import serve
+
+    from mint_ray.serving_app import build_app
+    from tests.tinymodels import make_student_dir
+
+    tmp = tmp_path_factory.mktemp("serving")
+    suffix = uuid.uuid4().hex[:6]
+    text_name, vision_name = f"serve-text-{suffix}", f"serve-vision-{suffix}"
+    register(mlflow_server, make_student_dir(tmp / "text1", "rare_disease"), text_name)
+    register(mlflow_server, make_student_dir(tmp / "vision1", "tissue_type"), vision_name)
+    if ray.is_initialized():
+        ray.shutdown()
+    os.environ[KEY_ENV] = KEY  # before ray.init: replicas inherit the raylet's environment
+    ray.init(address="local", num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    common = {"tracking_uri": mlflow_server, "max_new_tokens": 6, "limits": SMALL.model_dump(),
+              "deployment": {"num_cpus": 0.25}}
+    text_uri, vision_uri = f"models:/{text_name}@champion", f"models:/{vision_name}@champion"
+    serve.run_many([
+        serve.RunTarget(build_app({**common, "model_uri": text_uri, "task": "rare_disease", "api_key_env": KEY_ENV,
+                                   "alias_poll_s": 1, "cors_origins": ["http://allowed.example"]}),
+                        name="text", route_prefix="/text"),
+        serve.RunTarget(build_app({**common, "model_uri": vision_uri}), name="vision", route_prefix="/vision")])
+    base = f"http://127.0.0.1:{port}"
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    text = httpx.Client(base_url=f"{base}/text", timeout=120, headers={"Authorization": f"Bearer {KEY}"})
+    vision = httpx.Client(base_url=f"{base}/vision", timeout=120)
+    try:
+        yield Served(base, text, vision, mlflow_server, text_name, vision_name, text_uri, vision_uri, tmp, logs)
+    finally:
+        text.close()
+        vision.close()
+        serve.shutdown()
+        ray.shutdown()
+        os.environ.pop(KEY_ENV, None)
+
+
+NOTE = "Tall stature, arachnodactyly and ectopia lentis since childhood."
+
+
+def error_code(resp: httpx.Response) -> str:
+    body = resp.json()
+    assert set(body) == {"error", "request_id"} and body["request_id"] == resp.headers["x-request-id"]
+    return body["error"]["code"]
+
+
+@pytest.mark.mlflow_server
+def test_health_ready_and_models(served: Served) -> None:
+    for client, name, task, kind in ((served.text, served.text_name, "rare_disease", "causal_lm"),
+                                     (served.vision, served.vision_name, "tissue_type", "mllama")):
+        assert client.get("/healthz").json() == {"status": "ok"}
+        ready = client.get("/readyz").json()
+        assert ready["status"] == "ready" and ready["version"] == "1"
+        (model,) = client.get("/v1/models").json()["data"]
+        assert (model["name"], model["version"], model["alias"], model["task"], model["kind"]) == \
+            (name, "1", "champion", task, kind)
+        assert model["source"] == f"models:/{name}/1"
+    assert served.vision.get("/v1/models").json()["data"][0]["label_ids"] == len(TISSUE_TYPES)
+    assert "/v1/predict" in served.vision.get("/openapi.json").json()["paths"]
+
+
+@pytest.mark.mlflow_server
+def test_predict_note(served: Served) -> None:
+    resp = served.text.post("/v1/predict", json={"task": "rare_disease", "note": NOTE, "top_k": 3})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["task"] == "rare_disease" and isinstance(body["generation"], str) and body["generation"]
+    assert body["model"] == {"name": served.text_name, "version": "1", "alias": "champion",
+                             "uri": served.text_uri}
+    assert isinstance(body["labels"], list) and len(body["labels"]) <= 3
+    assert body["latency_ms"] > 0 and body["request_id"] == resp.headers["x-request-id"]
+
+
+@pytest.mark.mlflow_server
+def test_predict_image_json_data_url_and_multipart(served: Served) -> None:
+    image = png((80, 60))
+    answers = [
+        served.vision.post("/v1/predict", json={"task": "tissue_type", "image": b64(image)}),
+        served.vision.post("/v1/predict", json={"task": "tissue_type", "top_k": 2,
+                                                "image": f"data:image/png;base64,{b64(image)}"}),
+        served.vision.post("/v1/predict", data={"task": "tissue_type", "top_k": "2"},
+                           files={"image": ("tile.png", image, "image/png")}),
+    ]
+    for resp in answers:
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        assert body["task"] == "tissue_type" and body["model"]["version"] == "1"
+        assert all(set(lb) == {"rank", "label", "id"} for lb in body["labels"])
+    # Greedy decoding: the same image gives the same answer by JSON and by upload.
+    assert answers[0].json()["generation"] == answers[2].json()["generation"]
+
+
+@pytest.mark.mlflow_server
+def test_openai_chat_completions(served: Served) -> None:
+    resp = served.text.post("/v1/chat/completions", json={
+        "model": served.text_name, "temperature": 0.7,
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": NOTE}]})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["object"] == "chat.completion" and body["model"] == f"{served.text_name}/1"
+    (choice,) = body["choices"]
+    assert choice["message"]["role"] == "assistant" and choice["finish_reason"] in ("stop", "length")
+    assert body["mint"]["task"] == "rare_disease"
+    url = f"data:image/png;base64,{b64(png())}"
+    resp = served.vision.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "Which tissue?"}, {"type": "image_url", "image_url": {"url": url}}]}]})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["mint"]["model"]["version"] == "1"
+    wrong = served.text.post("/v1/chat/completions", json={"model": "gpt-4o", "messages": [
+        {"role": "user", "content": NOTE}]})
+    assert wrong.status_code == 404 and error_code(wrong) == "model_not_found"
+
+
+@pytest.mark.mlflow_server
+def test_api_key(served: Served) -> None:
+    url = f"{served.base}/text/v1/predict"
+    body = {"task": "rare_disease", "note": NOTE}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"},
+                    {"Authorization": KEY}):
+        resp = httpx.post(url, json=body, headers=headers)
+        assert resp.status_code == 401 and error_code(resp) == "unauthorized"
+        assert resp.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(f"{served.base}/text/v1/models").status_code == 401
+    assert httpx.get(f"{served.base}/text/healthz").status_code == 200  # probes carry no key
+    assert httpx.get(f"{served.base}/text/readyz").status_code == 200
+
+
+def chunks(total: int) -> Iterator[bytes]:
+    for _ in range(total // 65536 + 1):
+        yield b" " * 65536
+
+
+BAD_REQUESTS: list[tuple[str, str, dict[str, Any], int, str]] = [
+    ("malformed-json", "text", {"content": b'{"task": "rare_disease", "note": ',
+                                "headers": {"content-type": "application/json"}}, 400, "malformed_json"),
+    ("not-an-object", "text", {"json": ["rare_disease"]}, 422, "invalid_body"),
+    ("note-not-a-string", "text", {"json": {"task": "rare_disease", "note": 42}}, 422, "invalid_field"),
+    ("top-k-a-string", "text", {"json": {"task": "rare_disease", "note": NOTE, "top_k": "3"}}, 422,
+     "invalid_field"),
+    ("top-k-too-big", "text", {"json": {"task": "rare_disease", "note": NOTE, "top_k": 50}}, 422,
+     "invalid_field"),
+    ("unknown-field", "text", {"json": {"task": "rare_disease", "note": NOTE, "colour": "red"}}, 422,
+     "invalid_field"),
+    ("unknown-task", "text", {"json": {"task": "cardiology", "note": NOTE}}, 422, "unknown_task"),
+    ("wrong-task-text", "text", {"json": {"task": "tissue_type", "image": b64(png())}}, 422, "wrong_task"),
+    ("wrong-task-vision", "vision", {"json": {"task": "rare_disease", "note": NOTE}}, 422, "wrong_task"),
+    ("image-to-text-model", "text", {"json": {"task": "rare_disease", "note": NOTE, "image": b64(png())}}, 422,
+     "wrong_input"),
+    ("missing-note", "text", {"json": {"task": "rare_disease"}}, 422, "missing_note"),
+    ("note-too-long", "text", {"json": {"task": "rare_disease", "note": "x" * 2001}}, 422, "note_too_long"),
+    ("missing-image", "vision", {"json": {"task": "tissue_type"}}, 422, "missing_image"),
+    ("body-too-large", "text", {"json": {"task": "rare_disease", "note": "x" * (2**20)}}, 413, "body_too_large"),
+    ("chunked-too-large", "text", {"content": chunks(2**20 + 1), "headers": {"content-type": "application/json"}},
+     413, "body_too_large"),
+    ("not-base64", "vision", {"json": {"task": "tissue_type", "image": "%%%"}}, 400, "invalid_image"),
+    ("undecodable-image", "vision", {"json": {"task": "tissue_type", "image": b64(b"GIF89a-no")}}, 400,
+     "invalid_image"),
+    ("bomb-header", "vision", {"json": {"task": "tissue_type", "image": b64(bomb_header())}}, 413,
+     "image_too_many_pixels"),
+    ("bomb-real", "vision", {"files": {"image": ("big.png", png((2000, 2000), "L"), "image/png")},
+                             "data": {"task": "tissue_type"}}, 413, "image_too_many_pixels"),
+    ("image-too-many-bytes", "vision", {"json": {"task": "tissue_type", "image": b64(png((300, 300), noise=True))}},
+     413, "image_too_large"),
+    ("gif", "vision", {"json": {"task": "tissue_type", "image": b64(png(fmt="GIF", mode="L"))}}, 415,
+     "unsupported_image_format"),
+    ("unknown-form-field", "vision", {"files": {"image": ("t.png", png(), "image/png")},
+                                      "data": {"task": "tissue_type", "colour": "red"}}, 422, "invalid_field"),
+    ("form-top-k-text", "vision", {"files": {"image": ("t.png", png(), "image/png")},
+                                   "data": {"task": "tissue_type", "top_k": "two"}}, 422, "invalid_field"),
+    ("wrong-content-type", "text", {"content": b"note", "headers": {"content-type": "text/plain"}}, 415,
+     "unsupported_media_type"),
+]
+
+
+@pytest.mark.mlflow_server
+@pytest.mark.parametrize(("app", "kwargs", "status", "code"), [b[1:] for b in BAD_REQUESTS],
+                         ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_requests_are_clear_4xx(served: Served, app: str, kwargs: dict[str, Any], status: int,
+                                    code: str) -> None:
+    client = served.text if app == "text" else served.vision
+    resp = client.post("/v1/predict", **kwargs)
+    assert (resp.status_code, error_code(resp)) == (status, code), resp.text
+    assert resp.json()["error"]["message"]
+
+
+@pytest.mark.mlflow_server
+def test_chat_errors(served: Served) -> None:
+    post = served.text.post
+    assert post("/v1/chat/completions", content=b"{", headers={"content-type": "application/json"}
+                ).status_code == 400
+    assert post("/v1/chat/completions", json={"messages": []}).status_code == 422
+    assert post("/v1/chat/completions", json={"messages": [{"role": "user", "content": 3}]}).status_code == 422
+    url = f"data:image/png;base64,{b64(png())}"
+    resp = post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}]}]})
+    assert resp.status_code == 422 and error_code(resp) == "wrong_input"
+    resp = served.vision.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64(bomb_header())}"}}]}]})
+    assert resp.status_code == 413 and error_code(resp) == "image_too_many_pixels"
+    assert served.text.get("/v1/nothing").status_code == 404
+
+
+@pytest.mark.mlflow_server
+def test_cors_only_where_configured(served: Served) -> None:
+    preflight = {"Origin": "http://allowed.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    resp = httpx.options(f"{served.base}/text/v1/predict", headers=preflight)
+    assert resp.status_code == 200
+    assert resp.headers["access-control-allow-origin"] == "http://allowed.example"
+    denied = httpx.post(f"{served.base}/text/v1/predict", json={}, headers={"Origin": "http://allowed.example"})
+    assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == "http://allowed.example"
+    other = httpx.options(f"{served.base}/text/v1/predict", headers={**preflight, "Origin": "http://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+    resp = served.vision.get("/healthz", headers={"Origin": "http://allowed.example"})
+    assert "access-control-allow-origin" not in resp.headers
+
+
+@pytest.mark.mlflow_server
+def test_logs_hold_no_note_and_no_key(served: Served) -> None:
+    marker = f"PRIVATE-NOTE-{uuid.uuid4().hex}"
+    assert served.text.post("/v1/predict", json={"task": "rare_disease", "note": marker}).status_code == 200
+    assert served.text.post("/v1/predict", json={"task": "rare_disease", "note": marker, "top_k": "x"}
+                            ).status_code == 422
+    assert served.text.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": marker}]}
+                            ).status_code == 200
+    assert httpx.post(f"{served.base}/text/v1/predict", json={"note": marker},
+                      headers={"Authorization": f"Bearer {marker}"}).status_code == 401
+    time.sleep(2)  # log files are flushed by their writers
+    files = [p for p in served.logs_dir.rglob("*") if p.is_file()]
+    serve_logs = [p for p in files if p.parent.name == "serve"]
+    assert any("replica_text" in p.name for p in serve_logs)
+    access = "\n".join(p.read_text(errors="replace") for p in serve_logs if "replica_text" in p.name)
+    assert "POST /text/v1/predict 200" in access and "POST /text/v1/predict 401" in access
+    for path in files:
+        data = path.read_bytes()
+        assert marker.encode() not in data, f"note text in {path}"
+        assert KEY.encode() not in data, f"API key in {path}"
+
+
+@pytest.mark.mlflow_server
+def test_mint_ray_serve_cli_and_ask(served: Served) -> None:
+    from ray import serve
+
+    from mint_ray.cli import run_stage
+    from mint_ray.serving_app import ask
+
+    port = served.base.rsplit(":", 1)[1]
+    summary = run_stage(["serve", "--model-uri", served.vision_uri, "--tracking-uri", served.tracking_uri,
+                         "--port", port, "--set", "wait=false", "--set", "name=cli", "--set", "route_prefix=/cli",
+                         "--set", "app.max_new_tokens=4", "--set", "app.deployment.num_cpus=0.25"])
+    try:
+        assert summary["url"] == f"{served.base}/cli"
+        answer = ask(summary["url"], "tissue_type", image=png())
+        assert answer["model"]["version"] == "1" and answer["task"] == "tissue_type"
+        with pytest.raises(Exception, match="HTTP 422: this deployment serves task 'tissue_type'"):
+            ask(summary["url"], "rare_disease", note=NOTE)
+    finally:
+        serve.delete("cli")
+
+
+@pytest.mark.mlflow_server
+def test_serve_and_ask_for_the_local_demo(served: Served) -> None:
+    from ray import serve
+
+    from mint_ray.serving_app import HttpConfig, serve_and_ask
+
+    port = int(served.base.rsplit(":", 1)[1])
+    try:
+        answers = serve_and_ask({"tissue_type": served.vision_uri}, {"tissue_type": {"image": png()}},
+                                http=HttpConfig(port=port), tracking_uri=served.tracking_uri)
+        assert answers["tissue_type"]["task"] == "tissue_type"
+        assert answers["tissue_type"]["model"]["name"] == served.vision_name
+    finally:
+        serve.delete("mint-tissue_type")
+
+
+@pytest.mark.mlflow_server
+def test_serve_refuses_a_missing_alias(served: Served) -> None:
+    from mint_ray.errors import MintError
+    from mint_ray.serving_app import preflight
+
+    with pytest.raises(MintError, match="no alias 'staging'"):
+        preflight(ServeConfig(model_uri=f"models:/{served.text_name}@staging", tracking_uri=served.tracking_uri))
+
+
+@pytest.mark.mlflow_server
+def test_alias_move_switches_version_without_failures(served: Served) -> None:
+    """Keep 4 clients busy, register version 2 and move the alias: every request is
+    answered, the responses switch from version 1 to 2 and never go back."""
+    from mlflow import MlflowClient
+
+    from tests.tinymodels import make_student_dir
+
+    results: list[tuple[float, int, str | None]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(base_url=served.text.base_url, headers=served.text.headers, timeout=120) as c:
+            while not stop.is_set():
+                resp = c.post("/v1/predict", json={"task": "rare_disease", "note": NOTE})
+                version = resp.json().get("model", {}).get("version") if resp.status_code == 200 else None
+                results.append((time.monotonic(), resp.status_code, version))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        version = register(served.tracking_uri, make_student_dir(served.tmp / "text2", "rare_disease", seed=1),
+                           served.text_name, alias=None)
+        assert version == "2"
+        MlflowClient(served.tracking_uri).set_registered_model_alias(served.text_name, "champion", version)
+        moved = time.monotonic()
+        deadline = moved + 90
+        while time.monotonic() < deadline and not any(v == "2" for _, _, v in results):
+            time.sleep(0.2)
+        time.sleep(2)  # keep the stream going after the swap
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    statuses = [s for _, s, _ in results]
+    assert statuses and set(statuses) == {200}, statuses
+    versions = [v for _, _, v in sorted(results)]
+    assert versions[0] == "1" and versions[-1] == "2"
+    first_new = versions.index("2")
+    # Requests already batched on version 1 may finish just after the first version-2
+    # answer; after that no version-1 answer comes back.
+    assert "1" not in versions[first_new + 8:], versions
+    assert served.text.get("/v1/models").json()["data"][0]["version"] == "2"
