@@ -102,6 +102,13 @@ def _explain(uri: str, err: Exception) -> StorageError:
     return StorageError(redact(f"{uri}: {hint}"))
 
 
+def absolute(uri: str) -> str:
+    """``uri`` with a local path made absolute (Ray workers run in other directories)."""
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", uri) and not uri.startswith("file:/"):
+        return uri  # s3://..., models:/...
+    return filesystem(uri)[1]
+
+
 def bucket_of(uri: str) -> str:
     return uri[len("s3://"):].split("/", 1)[0] if is_s3(uri) else ""
 

@@ -29,8 +29,9 @@ TINY = ["model.tiny.vocab_size=400", "model.lora.r=8", "model.lora.alpha=16", "o
         "optim.micro_batch_size=2", "optim.warmup_ratio=0", "ray.num_cpus=4"]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_ray():
+@pytest.fixture(autouse=True, scope="module")
+def _ray_per_module():
+    """One in-process Ray for the module's runs (init_ray reuses it); stopped at the end."""
     yield
     ray.shutdown()
 
@@ -80,6 +81,7 @@ def test_zero3_orpo_two_workers_shards_learns_and_exports(tmp_path: Path) -> Non
 def test_multi_node_two_raylets_on_s3(tmp_path: Path, s3_bucket: str) -> None:
     from ray.cluster_utils import Cluster
 
+    ray.shutdown()  # this test attaches to its own two-node cluster
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
     try:

@@ -72,19 +72,14 @@ class Config(StrictModel):
     ray: RayConfig = Field(default_factory=RayConfig)
 
     def cohort(self) -> str:
-        return _absolute(self.cohort_uri or storage.join(self.storage.root, "cohorts", self.task))
+        return storage.absolute(self.cohort_uri or storage.join(self.storage.root, "cohorts", self.task))
 
     def output(self) -> str:
-        return _absolute(self.output_uri or storage.join(self.storage.root, "teachers",
+        return storage.absolute(self.output_uri or storage.join(self.storage.root, "teachers",
                                                          f"{self.task}-{self.kind}"))
 
     def teacher_name(self) -> str:
         return self.name or f"{self.task}-{self.kind}"
-
-
-def _absolute(uri: str) -> str:
-    """Local paths made absolute: Ray workers may run in another directory."""
-    return uri if storage.is_s3(uri) else storage.filesystem(uri)[1]
 
 
 CLI_FLAGS = {

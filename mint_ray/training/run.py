@@ -77,6 +77,7 @@ def run(cfg: Config) -> dict[str, Any]:
     from mint_ray.training.worker import train_loop
 
     t0 = time.time()
+    cfg = with_absolute_paths(cfg)
     manifest = preflight(cfg)
     output_uri = cfg.output_uri or storage.join(cfg.storage.root, "students", cfg.name)
     model_uri = storage.join(output_uri, "model")
@@ -136,6 +137,18 @@ def run(cfg: Config) -> dict[str, Any]:
                "seconds": round(time.time() - t0, 1), "training": training}
     print(f"[train] done in {summary['seconds']}s: {model_uri}", flush=True)
     return summary
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """A copy of ``cfg`` whose local paths are absolute: Ray Train workers do not run in
+    the driver's working directory."""
+    model = cfg.model.model_copy(update={k: storage.absolute(v) for k, v in
+                                         (("path", cfg.model.path), ("reference_path", cfg.model.reference_path))
+                                         if v is not None})
+    return cfg.model_copy(update={
+        "data": cfg.data.model_copy(update={"uri": storage.absolute(cfg.data.uri)}),
+        "storage": cfg.storage.model_copy(update={"root": storage.absolute(cfg.storage.root)}),
+        "output_uri": storage.absolute(cfg.output_uri) if cfg.output_uri else None, "model": model})
 
 
 def _run_storage(output_uri: str) -> tuple[str, Any]:

@@ -1,0 +1,147 @@
+"""The one-command local run: every stage, both tasks, on this machine, with the same code.
+
+``mint-ray demo`` (``make demo``) runs, per task: cohort -> teacher -> preference pairs ->
+comparison (trains SFT, DPO from SFT and ORPO; evaluates them beside the base model,
+the teacher and, for text, RAG) -> promotion of the best trained arm to ``champion`` ->
+Ray Serve of the champion with one request. Each step is the stage's own ``run`` on the
+recipe in ``jobs/recipes/`` plus the overrides below, which size it for 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from mint_ray import storage
+from mint_ray.config import StrictModel, load_config
+from mint_ray.evaluation import promote
+from mint_ray.evaluation.promote import alias_holder
+
+RECIPES = Path(__file__).resolve().parents[1] / "jobs" / "recipes"
+CLI_FLAGS = {"root": "root", "tasks": "tasks", "quick": "quick", "serve": "serve"}
+
+
+class Config(StrictModel):
+    root: str = "./mint-data"
+    tasks: list[str] = Field(default_factory=lambda: ["rare_disease", "tissue_type"], min_length=1)
+    # Smaller cohorts and fewer steps (a smoke run of every stage in a few minutes).
+    quick: bool = False
+    serve: bool = True
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    module: str
+    recipe: str
+    overrides: tuple[str, ...]
+
+
+def _steps(task: str, root: str, quick: bool) -> list[Step]:
+    text = task == "rare_disease"
+    kind = "fusion" if text else "clip"
+    cohort = storage.join(root, "cohorts", task)
+    teacher = storage.join(root, "teachers", f"{task}-{kind}")
+    pairs = storage.join(root, "preferences", task)
+    n = 300 if quick else (1000 if text else 800)
+    common = (f"storage.root={root}", "storage.overwrite=true")
+    return [
+        Step("cohort", "mint_ray.data.synth", "synth_local.yaml",
+             (*common, f"task={task}", f"output_uri={cohort}", f"sizes.n_samples={n}",
+              *(["sizes.n_diseases=20"] if text else []))),
+        Step("teacher", "mint_ray.teachers.train",
+             "teacher_rare_disease_fusion.yaml" if text else "teacher_tissue_type_clip.yaml",
+             (*common, f"cohort_uri={cohort}", f"output_uri={teacher}", f"epochs={3 if quick else 12}")),
+        Step("preferences", "mint_ray.preferences.pipeline",
+             "preferences_rare_disease.yaml" if text else "preferences_tissue.yaml",
+             (*common, f"cohort_uri={cohort}", f"teacher.uri={teacher}", f"output_uri={pairs}")),
+        Step("compare", "mint_ray.evaluation.compare", f"compare_{task}.yaml",
+             (*common, f"data_uri={pairs}", f"output_uri={storage.join(root, 'comparisons', task)}",
+              f"train.registry={{enabled: true, name: mint-{task}}}",
+              *([f"max_cases={20}", "train.optim.max_steps=3"] if quick else ["max_cases=60"]))),
+    ]
+
+
+def _run_step(step: Step) -> tuple[dict[str, Any], float]:
+    import importlib
+
+    module = importlib.import_module(step.module)
+    cfg = load_config(module.Config, RECIPES / step.recipe, list(step.overrides))
+    t0 = time.time()
+    try:
+        result = module.run(cfg)
+    finally:
+        import ray
+
+        # Each stage sizes its own in-process Ray (ray.num_cpus in its recipe).
+        ray.shutdown()
+    return result, time.time() - t0
+
+
+def _promote_best(task: str, comparison: dict[str, Any], root: str) -> dict[str, Any]:
+    """Promote the trained arm with the best top-1 (then MRR) to ``champion``."""
+    trained = {arm: s for arm, s in comparison["arms"].items() if s.get("registered")}
+    if not trained:
+        return {"promoted": False, "reason": "no trained arm was registered"}
+    arm, best = max(trained.items(), key=lambda kv: (kv[1].get("top1", 0.0), kv[1].get("mrr", 0.0)))
+    name, version = best["registered"]
+    cfg = load_config(promote.Config, None, [f"name={name}", f"version={version}", "metric=top1",
+                                             f"storage.root={root}"])
+    return {"arm": arm, **promote.run(cfg)}
+
+
+def _test_case(task: str, root: str) -> dict[str, Any]:
+    """One test-split case of the task's cohort as a request body (a note, or image bytes)."""
+    import pyarrow.compute as pc
+
+    table = storage.read_dataset(storage.join(root, "cohorts", task), columns=["split", "note", "image_uri"])
+    row = table.filter(pc.equal(table["split"], "test")).slice(0, 1).to_pylist()[0]
+    if task == "rare_disease":
+        return {"note": row["note"]}
+    return {"image": storage.read_bytes(row["image_uri"])}
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    root = cfg.root if storage.is_s3(cfg.root) else str(Path(cfg.root).absolute())
+    timings: list[tuple[str, float]] = []
+    champions: dict[str, str] = {}
+    t_all = time.time()
+    for task in cfg.tasks:
+        comparison: dict[str, Any] = {}
+        for step in _steps(task, root, cfg.quick):
+            print(f"\n=== [{task}] {step.name} ({step.module}, jobs/recipes/{step.recipe}) ===", flush=True)
+            result, seconds = _run_step(step)
+            timings.append((f"{task} {step.name}", seconds))
+            print(f"=== [{task}] {step.name} done in {seconds:.0f}s ===", flush=True)
+            if step.name == "compare":
+                comparison = result
+        t0 = time.time()
+        decision = _promote_best(task, comparison, root)
+        timings.append((f"{task} promote", time.time() - t0))
+        print(f"\n=== [{task}] promotion: {decision} ===", flush=True)
+        # Serve whichever version holds the alias now (this run's, or an earlier champion).
+        if alias_holder(f"mint-{task}", "champion") is not None:
+            champions[task] = f"models:/mint-{task}@champion"
+    answers: dict[str, Any] = {}
+    if cfg.serve and champions:
+        from mint_ray.config import TrackingConfig
+        from mint_ray.serving_app import serve_and_ask
+        from mint_ray.tracking import resolve_tracking_uri
+
+        t0 = time.time()
+        answers = serve_and_ask(champions, {task: _test_case(task, root) for task in champions},
+                                tracking_uri=resolve_tracking_uri(TrackingConfig(), root))
+        timings.append(("serve + requests", time.time() - t0))
+        for task, answer in answers.items():
+            shown = {k: answer.get(k) for k in ("labels", "model", "version", "latency_ms") if k in answer}
+            print(f"\n=== served {champions[task]} -> {shown or answer} ===", flush=True)
+    print("\n| step | seconds |\n|---|---|")
+    for name, seconds in timings:
+        print(f"| {name} | {seconds:.0f} |")
+    print(f"| total | {time.time() - t_all:.0f} |")
+    return {"root": root, "champions": champions, "answers": answers,
+            "timings": {name: round(s, 1) for name, s in timings}}

@@ -1,0 +1,838 @@
+"""Build preference pairs from a cohort with a teacher (stage 3).
+
+``mint-ray preferences --task rare_disease --cohort s3://b/cohorts/rd --teacher s3://b/teachers/rd --out s3://b/prefs/rd``
+
+Ray Data streams the cohort through five operators; nothing holds the whole cohort:
+
+1. ``read``     one task streams the ``samples`` table (``storage.iter_batches``) and
+                coerces every chunk to the contract's types: a column of the wrong
+                type becomes nulls plus a ``wrong_type`` mark, so files with drifting
+                schemas never fail the run. One reader sees every ``sample_id``, so it
+                also marks repeats (``duplicate_id``).
+2. ``prepare``  CPU tasks check each row (``validate.check_row``), fetch its image
+                (``io_threads`` threads: S3 GETs are latency-bound) and decode it
+                (``validate.decode_checked``) into raw RGB bytes for the teacher.
+3. ``score``    the teacher in an actor pool (``ActorPoolStrategy(size=num_actors)``,
+                ``num_gpus_per_actor`` each; CPU threads when none) scores every label.
+4. ``pairs``    CPU tasks rank, cut pairs (``pairs.build_pairs``) and write the texts
+                with the task's own ``prompt_messages`` / ``answer_message``.
+5. ``write``    :class:`PreferenceSink` writes pair rows and set-aside rows into two
+                version folders and sends counts back to the driver.
+
+Output layout (decided here; the trainer reads ``output_uri`` as a dataset):
+
+- ``<output_uri>/``            the preference dataset: ``_manifest.json`` + ``v-*/part-*.parquet``.
+                               Its manifest meta holds the task, the teacher
+                               ``{name, version, kind, uri}``, k/q and every option, the
+                               counts, the cohort's hash and the quarantine version.
+- ``<output_uri>/quarantine/`` the set-aside rows (``sample_id``, ``split``, ``label``,
+                               ``image_uri``, ``stage``, ``reason``, ``detail``), its own
+                               dataset. ``storage.commit`` deletes only ``v-*`` folders
+                               beside a manifest, so the nested dataset survives commits of
+                               the outer one, and the two live and go together.
+
+Commit order: quarantine first, then the pairs (the publish point, whose meta names the
+quarantine version). A failure before that aborts both version folders, so the previous
+output stays complete; a re-run with ``--overwrite`` replaces both, never appends.
+
+Accounting: every cohort row ends as exactly one of a paired case, a quarantined row
+(bad input or a teacher failure) or a filtered case (left out by an option). The run
+checks ``rows_in == cases_paired + quarantined + filtered`` before publishing.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field, field_validator, model_validator
+from ray.data import ActorPoolStrategy, Datasink
+from ray.data.block import BlockAccessor
+
+from mint_ray import storage
+from mint_ray.config import RayConfig, StorageConfig, StrictModel, TrackingConfig
+from mint_ray.errors import ConfigError, MintError, StorageError
+from mint_ray.preferences import validate
+from mint_ray.preferences.pairs import PairRule, build_pairs, rank
+from mint_ray.tasks import Task, get_task
+
+if TYPE_CHECKING:
+    from ray.data import Dataset
+
+log = logging.getLogger(__name__)
+
+QUARANTINE_DIR = "quarantine"
+# Logical CPUs of the reader (one long task) and of the pair+write tasks. They differ
+# from the decode tasks' so Ray Data never fuses decoding into the single reader.
+READ_CPUS = 1.0
+PAIRS_CPUS = 0.2
+
+CLI_FLAGS = {
+    "task": "task", "cohort": "cohort_uri", "teacher": "teacher.uri", "out": "output_uri",
+    "actors": "teacher.num_actors", "batch-size": "teacher.batch_size",
+    "gpus-per-actor": "teacher.num_gpus_per_actor", "k": "pairs.k", "q": "pairs.q",
+    "pairs-per-case": "pairs.pairs_per_case", "min-margin": "pairs.min_margin",
+    "force-truth": "pairs.force_truth", "overwrite": "storage.overwrite",
+    "tracking": "tracking.enabled",
+}
+
+
+# ---------------------------------------------------------------- config
+
+
+class TeacherConfig(StrictModel):
+    """Which teacher and how its actor pool is sized."""
+
+    uri: str = Field(description="a teacher directory (mint_teacher.json) or a bare HF CLIP/SigLIP one")
+    device: str = "auto"
+    labels: list[str] | None = Field(
+        None, description="re-target a CLIP teacher; default: its own, or for a bare CLIP "
+                          "directory the task's labels or the cohort's label catalog")
+    prompt_template: str | None = Field(None, description="a bare CLIP directory's label prompt")
+    num_actors: int = Field(1, ge=1)
+    num_gpus_per_actor: float = Field(0, ge=0)
+    num_cpus_per_actor: float = Field(1, gt=0)
+    batch_size: int = Field(64, ge=1)
+
+
+class PairsConfig(StrictModel):
+    """k chosen, q rejected (None: the task's answer count, the paper's 10 / 5) and options."""
+
+    k: int | None = Field(None, ge=1)
+    q: int | None = Field(None, ge=1)
+    pairs_per_case: int = Field(1, ge=1, description="pair j rejects the j-th q-slice from the bottom")
+    min_margin: float | None = Field(None, description="drop pairs the teacher separates by less")
+    force_truth: bool = Field(False, description="put a missed ground truth in chosen (k-th place)")
+
+
+class PromptConfig(StrictModel):
+    """Overrides of the task's prompt (None keeps the task's wording)."""
+
+    system_prompt: str | None = None
+    instruction: str | None = Field(None, description="must contain {n} and {header}")
+
+    @field_validator("instruction")
+    @classmethod
+    def _placeholders(cls, value: str | None) -> str | None:
+        if value is not None and not ("{n}" in value and "{header}" in value):
+            raise ValueError("the instruction must contain {n} (answer count) and {header}")
+        return value
+
+
+class LimitsConfig(StrictModel):
+    """Images over these are quarantined (bytes before reading, pixels before decoding)."""
+
+    max_image_bytes: int = Field(16 * 2**20, gt=0)
+    max_image_pixels: int = Field(4096 * 4096, gt=0)
+
+
+class Config(StrictModel):
+    """``mint-ray preferences``: cohort + teacher -> preference pairs and a quarantine table."""
+
+    task: str
+    cohort_uri: str
+    teacher: TeacherConfig
+    output_uri: str | None = Field(None, description="default: <storage.root>/preferences/<task>")
+    splits: list[str] = Field(default_factory=lambda: list(validate.SPLITS), min_length=1)
+    pairs: PairsConfig = PairsConfig()
+    prompt: PromptConfig = PromptConfig()
+    limits: LimitsConfig = LimitsConfig()
+    decode_num_cpus: float = Field(0.5, gt=0, description="logical CPUs per fetch/decode task")
+    io_threads: int = Field(16, ge=1, description="image fetches in flight per decode task")
+    block_rows: int = Field(1024, ge=1, description="rows per block between operators (one decode task, "
+                                                    "one actor call); lower it for large images")
+    rows_per_file: int = Field(10_000, ge=1)
+    storage: StorageConfig = StorageConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    ray: RayConfig = RayConfig()
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, name: str) -> str:
+        try:
+            return get_task(name).name
+        except MintError as err:
+            raise ValueError(str(err)) from None
+
+    @field_validator("splits")
+    @classmethod
+    def _known_splits(cls, splits: list[str]) -> list[str]:
+        unknown = sorted(set(splits) - set(validate.SPLITS))
+        if unknown:
+            raise ValueError(f"unknown split(s) {unknown}: choose from {list(validate.SPLITS)}")
+        return splits
+
+    @model_validator(mode="after")
+    def _stages_stay_apart(self) -> Config:
+        t = self.teacher
+        # GPU actors differ from decode tasks by their GPU already.
+        clashes = {READ_CPUS} | ({t.num_cpus_per_actor} if t.num_gpus_per_actor == 0 else set())
+        if self.decode_num_cpus in clashes:
+            raise ValueError(f"decode_num_cpus ({self.decode_num_cpus:g}) must differ from "
+                             f"{' and '.join(f'{c:g}' for c in sorted(clashes))} (the reader's and CPU "
+                             "actors' CPUs): equal resources let Ray Data fuse decoding into the "
+                             "reader or the teacher actors, which then decode and score in turn "
+                             "instead of overlapping")
+        return self
+
+    def output(self) -> str:
+        return self.output_uri or storage.join(self.storage.root, "preferences", self.task)
+
+
+# ---------------------------------------------------------------- the plan (driver side)
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    """What the driver knows of the teacher before any actor loads it."""
+
+    uri: str
+    task: str
+    kind: str
+    name: str
+    version: str | None  # None for a bare HF directory: the actors report the weights' hash
+    labels: tuple[str, ...]
+    requires: tuple[str, ...]
+    load_labels: tuple[str, ...] | None  # passed to load_teacher (re-target / bare directory)
+    prompt_template: str | None
+
+
+@dataclass(frozen=True)
+class PairPlan:
+    """Everything the pair operator needs (pickled to its tasks)."""
+
+    task: Task
+    labels: tuple[str, ...]
+    rule: PairRule
+    pair_schema: pa.Schema
+    union_schema: pa.Schema
+
+    def prompt(self, note: str | None) -> list[dict[str, Any]]:
+        if self.task.modality == "text":
+            return self.task.prompt_messages(note=note, n_answers=self.rule.k)
+        return self.task.prompt_messages(candidates=list(self.labels), n_answers=self.rule.k)
+
+
+def configured_task(cfg: Config) -> Task:
+    """The task module's definition with the configured prompt overrides (never a copy)."""
+    task = get_task(cfg.task)
+    changes = {k: v for k, v in (("system_prompt", cfg.prompt.system_prompt),
+                                 ("instruction", cfg.prompt.instruction)) if v is not None}
+    return replace(task, **changes) if changes else task
+
+
+def catalog_names(meta: dict[str, Any]) -> list[str]:
+    """Label names from a cohort manifest (``label_catalog`` or synth's ``labels``)."""
+    catalog = meta.get("label_catalog") or meta.get("labels") or []
+    return [str(item["name"]) if isinstance(item, dict) else str(item) for item in catalog]
+
+
+def describe_teacher(cfg: Config, task: Task, cohort_meta: dict[str, Any]) -> TeacherInfo:
+    """Read the teacher's spec (no weights) and decide its label space."""
+    from mint_ray.teachers.base import SPEC_FILE, TeacherSpec
+
+    uri, wanted = cfg.teacher.uri, cfg.teacher.labels
+    if storage.exists(storage.join(uri, SPEC_FILE)):
+        spec = TeacherSpec.from_json(storage.read_bytes(storage.join(uri, SPEC_FILE)).decode(), uri)
+        if spec.task != task.name:
+            raise ConfigError(f"teacher {uri} was trained for task {spec.task!r}, not {task.name!r}: "
+                              "choose a teacher of this task")
+        if wanted and spec.kind == "fusion" and tuple(wanted) != spec.labels:
+            raise ConfigError(f"teacher {uri} is a fusion classifier over its own {len(spec.labels)} "
+                              "labels: drop teacher.labels (only CLIP teachers can be re-targeted)")
+        labels = tuple(wanted) if wanted else spec.labels
+        info = TeacherInfo(uri, task.name, spec.kind, spec.name, spec.version, labels, (),
+                           tuple(wanted) if wanted else None, None)
+    elif storage.exists(storage.join(uri, "config.json")):
+        labels = tuple(wanted or task.labels or catalog_names(cohort_meta))
+        if not cfg.teacher.prompt_template:
+            raise ConfigError(f"teacher {uri} is a bare CLIP/SigLIP directory: set "
+                              "teacher.prompt_template (e.g. 'an H&E image of {label} tissue nuclei')")
+        info = TeacherInfo(uri, task.name, "clip", uri.rstrip("/").rsplit("/", 1)[-1], None, labels, (),
+                           labels, cfg.teacher.prompt_template)
+    else:
+        raise ConfigError(f"no teacher at {uri} (neither mint_teacher.json nor a Hugging Face "
+                          "config.json): train one with `mint-ray teacher train` or fix teacher.uri")
+    if len(set(info.labels)) < 2:
+        raise ConfigError(f"teacher {uri} scores {len(set(info.labels))} distinct label(s): need at least 2")
+    return replace(info, requires=_teacher_requires(info.kind))
+
+
+def _teacher_requires(kind: str) -> tuple[str, ...]:
+    """The inputs a teacher kind needs, from its class (imports torch, once, on the driver)."""
+    if kind == "fusion":
+        from mint_ray.teachers.fusion import FusionTeacher
+
+        return FusionTeacher.requires
+    from mint_ray.teachers.clip import ClipTeacher
+
+    return ClipTeacher.requires
+
+
+def pair_rule(cfg: Config, task: Task, n_labels: int) -> PairRule:
+    p = cfg.pairs
+    rule = PairRule(k=p.k or task.n_answers, q=p.q or task.n_answers, pairs_per_case=p.pairs_per_case,
+                    min_margin=p.min_margin, force_truth=p.force_truth)
+    try:
+        rule.check(n_labels)
+    except ValueError as err:
+        raise ConfigError(f"{err}: lower pairs.k, pairs.q or pairs.pairs_per_case") from None
+    return rule
+
+
+def validation_rules(cfg: Config, task: Task, teacher: TeacherInfo) -> validate.Rules:
+    return validate.Rules(
+        task=task.name, labels=frozenset(teacher.labels), splits=frozenset(cfg.splits),
+        needs_note=task.modality == "text" or "note" in teacher.requires,
+        needs_image=task.modality == "image" or "image" in teacher.requires,
+        max_image_bytes=cfg.limits.max_image_bytes, max_image_pixels=cfg.limits.max_image_pixels)
+
+
+# ---------------------------------------------------------------- schemas
+
+
+INPUT_FIELDS = ("sample_id", "task", "split", "note", "image_uri", "label")
+_TEXT = pa.string()
+READ_SCHEMA = pa.schema([*((name, _TEXT) for name in INPUT_FIELDS),
+                         ("type_error", _TEXT), ("duplicate", pa.bool_())])
+_VERDICT = [("stage", _TEXT), ("reason", _TEXT), ("detail", _TEXT)]
+_ROW = [("sample_id", _TEXT), ("split", _TEXT), ("note", _TEXT), ("image_uri", _TEXT), ("label", _TEXT)]
+PREPARED_SCHEMA = pa.schema([*_ROW, ("pixels", pa.binary()), ("height", pa.int32()),
+                             ("width", pa.int32()), *_VERDICT])
+SCORED_SCHEMA = pa.schema([*_ROW, *_VERDICT, ("scores", pa.list_(pa.float32())),
+                           ("teacher_name", _TEXT), ("teacher_version", _TEXT), ("scored_at", pa.float64())])
+QUARANTINE_SCHEMA = pa.schema([("sample_id", _TEXT), ("split", _TEXT), ("label", _TEXT),
+                               ("image_uri", _TEXT), *_VERDICT])
+
+
+def messages_type(task: Task) -> pa.DataType:
+    """Arrow type of a message list; image tasks use TRL's multimodal content parts."""
+    content = (pa.list_(pa.struct([("type", _TEXT), ("text", _TEXT)])) if task.modality == "image"
+               else _TEXT)
+    return pa.list_(pa.struct([("role", _TEXT), ("content", content)]))
+
+
+def pair_schema(task: Task) -> pa.Schema:
+    """The preference rows: TRL's conversational columns, then provenance."""
+    messages = messages_type(task)
+    return pa.schema([
+        ("sample_id", _TEXT), ("split", _TEXT), ("pair_index", pa.int32()),
+        ("prompt", messages), ("chosen", messages), ("rejected", messages),
+        ("label", _TEXT), ("image_uri", _TEXT),
+        ("teacher_ranking", pa.list_(_TEXT)), ("teacher_scores", pa.list_(pa.float32())),
+        ("teacher_top", pa.list_(_TEXT)), ("teacher_bottom", pa.list_(_TEXT)),
+        ("truth_rank", pa.int32()), ("truth_forced", pa.bool_()), ("margin", pa.float64()),
+        ("teacher_name", _TEXT), ("teacher_version", _TEXT),
+    ])
+
+
+def union_schema(pairs: pa.Schema) -> pa.Schema:
+    """What the pair operator emits: pair rows and set-aside rows in one stream.
+
+    ``kind`` tells them apart; ``case_paired`` marks a case's first kept pair,
+    ``dropped_pairs`` counts its pairs under the margin and ``scored_at`` says when the
+    teacher finished its batch (for the run's counts and its steady rate).
+    """
+    return pa.schema([*pairs, *_VERDICT, ("kind", _TEXT), ("case_paired", pa.bool_()),
+                      ("dropped_pairs", pa.int32()), ("scored_at", pa.float64())])
+
+
+# ---------------------------------------------------------------- 1. read
+
+
+def _is_text(dtype: pa.DataType) -> bool:
+    if pa.types.is_dictionary(dtype):
+        dtype = dtype.value_type
+    return pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or pa.types.is_null(dtype)
+
+
+def coerce_chunk(batch: pa.RecordBatch | pa.Table) -> tuple[pa.Table, list[str | None]]:
+    """The contract's columns as strings, and per row the fields of a wrong type (or None).
+
+    A column of another type (``label`` as int64) becomes nulls; the rows that had
+    a value there are marked. An absent column is all nulls.
+    """
+    n = batch.num_rows
+    columns: list[pa.Array] = []
+    errors: list[list[str]] = [[] for _ in range(n)]
+    names = batch.schema.names
+    for name in INPUT_FIELDS:
+        if name not in names:
+            columns.append(pa.nulls(n, _TEXT))
+            continue
+        column = batch.column(names.index(name))
+        if _is_text(column.type):
+            columns.append(pc.cast(column, _TEXT))
+            continue
+        columns.append(pa.nulls(n, _TEXT))
+        for i in np.flatnonzero(np.asarray(column.is_valid())):
+            errors[int(i)].append(f"{name}: {column.type}")
+    table = pa.Table.from_arrays(columns, names=list(INPUT_FIELDS))
+    return table, ["; ".join(e) if e else None for e in errors]
+
+
+def read_cohort(items: pa.Table, chunk_rows: int) -> Iterator[pa.Table]:
+    """Stream the cohort at each item's ``uri`` as coerced chunks (a generator UDF)."""
+    for uri in items.column("uri").to_pylist():
+        seen: set[str] = set()
+        for batch in storage.iter_batches(uri, batch_size=chunk_rows):
+            table, type_errors = coerce_chunk(batch)
+            duplicate = []
+            for sid in table.column("sample_id").to_pylist():
+                duplicate.append(sid in seen)
+                if sid:
+                    seen.add(sid)
+            yield table.append_column("type_error", pa.array(type_errors, _TEXT)).append_column(
+                "duplicate", pa.array(duplicate, pa.bool_()))
+
+
+# ---------------------------------------------------------------- 2. prepare
+
+
+def load_image(uri: str, rules: validate.Rules) -> tuple[np.ndarray | None, validate.Verdict | None]:
+    """Fetch and decode one image; a missing file is a verdict, a store failure an error."""
+    try:
+        fs, path = storage.filesystem(uri)
+    except StorageError as err:  # a scheme no store serves: this row's problem, not the run's
+        return None, validate.Verdict("missing_image", str(err))
+    try:
+        with fs.open_input_file(path) as f:
+            too_large = validate.check_image_size(f.size(), rules)
+            if too_large:
+                return None, too_large
+            data = f.read()
+    except FileNotFoundError:
+        return None, validate.Verdict("missing_image", "no file at image_uri")
+    except IsADirectoryError:
+        return None, validate.Verdict("missing_image", "image_uri is a folder")
+    return validate.decode_checked(data, rules)
+
+
+@functools.lru_cache(maxsize=1)
+def _io_pool(threads: int) -> ThreadPoolExecutor:
+    """One fetch pool per worker process, kept across its tasks."""
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mint-fetch")
+
+
+def prepare(batch: pa.Table, rules: validate.Rules, io_threads: int) -> pa.Table:
+    """Check rows, fetch and decode images (threads overlap the fetches)."""
+    rows = batch.to_pylist()
+    verdicts: list[validate.Verdict | None] = [validate.check_row(row, rules) for row in rows]
+    wanted = [i for i, (row, v) in enumerate(zip(rows, verdicts, strict=True))
+              if v is None and row["image_uri"]]
+    images: dict[int, np.ndarray | None] = {}
+    loaded = _io_pool(io_threads).map(lambda j: load_image(rows[j]["image_uri"], rules), wanted)
+    for i, (image, verdict) in zip(wanted, loaded, strict=True):
+        images[i], verdicts[i] = image, verdict
+    out: dict[str, list[Any]] = {name: [] for name in PREPARED_SCHEMA.names}
+    for i, (row, verdict) in enumerate(zip(rows, verdicts, strict=True)):
+        image = images.get(i)
+        for name in ("sample_id", "split", "note", "image_uri", "label"):
+            out[name].append(row[name])
+        out["pixels"].append(image.tobytes() if image is not None else None)
+        out["height"].append(image.shape[0] if image is not None else None)
+        out["width"].append(image.shape[1] if image is not None else None)
+        out["stage"].append(verdict.stage if verdict else None)
+        out["reason"].append(verdict.reason if verdict else None)
+        out["detail"].append(verdict.detail if verdict else None)
+    return pa.Table.from_pydict(out, schema=PREPARED_SCHEMA)
+
+
+# ---------------------------------------------------------------- 3. score
+
+
+class TeacherScorer:
+    """A Ray Data actor: loads the teacher once, scores the usable rows of each batch."""
+
+    def __init__(self, info: TeacherInfo, device: str, threads: int | None) -> None:
+        from mint_ray.teachers.base import load_teacher
+
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        self.teacher = load_teacher(info.uri, device, labels=info.load_labels,
+                                    prompt_template=info.prompt_template, task=info.task)
+        if tuple(self.teacher.labels) != info.labels:
+            raise MintError(f"teacher {info.uri} loaded with labels different from its spec: "
+                            "re-save the teacher")
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from mint_ray.teachers.base import Case
+
+        n, n_labels = batch.num_rows, len(self.teacher.labels)
+        usable = np.flatnonzero(np.asarray(batch.column("reason").is_null()))
+        notes, pixels = batch.column("note").to_pylist(), batch.column("pixels").to_pylist()
+        heights, widths = batch.column("height").to_pylist(), batch.column("width").to_pylist()
+        cases = [Case(note=notes[i], image=None if pixels[i] is None else np.frombuffer(
+            pixels[i], np.uint8).reshape(heights[i], widths[i], 3)) for i in usable]
+        values = np.zeros((n, n_labels), np.float32)
+        scored = np.zeros(n, bool)
+        verdicts = {name: batch.column(name).to_pylist() for name in ("stage", "reason", "detail")}
+        for i, (row_scores, error) in zip(usable, self._score(cases), strict=True):
+            if error is None:
+                values[i], scored[i] = row_scores, True
+            else:
+                verdicts["stage"][i], verdicts["reason"][i], verdicts["detail"][i] = "teacher", "teacher_error", error
+        scores = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), n_labels, mask=pa.array(~scored))
+        return pa.table({
+            **{name: batch.column(name) for name in ("sample_id", "split", "note", "image_uri", "label")},
+            **{name: pa.array(v, _TEXT) for name, v in verdicts.items()},
+            "scores": scores.cast(pa.list_(pa.float32())),
+            "teacher_name": pa.repeat(self.teacher.name, n), "teacher_version": pa.repeat(self.teacher.version, n),
+            "scored_at": pa.repeat(time.time(), n),
+        }, schema=SCORED_SCHEMA)
+
+    def _score(self, cases: list[Any]) -> list[tuple[np.ndarray | None, str | None]]:
+        """Scores per case, or the error of a case that fails alone.
+
+        A failing batch is retried case by case so one bad row costs only itself; if
+        every case fails alone too, the teacher is broken and the error is raised.
+        """
+        if not cases:
+            return []
+        try:
+            return self._rows(self.teacher.score(cases), len(cases))
+        except Exception as batch_error:
+            results: list[tuple[np.ndarray | None, str | None]] = []
+            for case in cases:
+                try:
+                    results.extend(self._rows(self.teacher.score([case]), 1))
+                except Exception as err:
+                    results.append((None, f"{type(err).__name__}: {str(err)[:200]}"))
+            if all(error for _, error in results):
+                raise batch_error
+            return results
+
+    def _rows(self, scores: np.ndarray, n: int) -> list[tuple[np.ndarray | None, str | None]]:
+        values = np.asarray(scores, dtype=np.float32)
+        if values.shape != (n, len(self.teacher.labels)):
+            raise ValueError(f"teacher returned scores of shape {values.shape}, "
+                             f"expected {(n, len(self.teacher.labels))}")
+        finite = np.isfinite(values).all(axis=1)
+        return [(row, None) if ok else (None, "non-finite scores") for row, ok in zip(values, finite, strict=True)]
+
+
+# ---------------------------------------------------------------- 4. pairs
+
+
+def pair_rows(batch: pa.Table, plan: PairPlan) -> pa.Table:
+    """Scored rows -> pair rows (TRL conversational) and set-aside rows, one stream."""
+    rows: list[dict[str, Any]] = []
+    for r in batch.to_pylist():
+        if r["reason"] is not None:
+            rows.append(_set_aside(r, r["stage"], r["reason"], r["detail"]))
+            continue
+        ranking = rank(r["scores"], plan.labels)
+        kept, dropped = build_pairs(ranking, r["label"], plan.rule)
+        if not kept:
+            best = max(p.margin for p in dropped)
+            rows.append({**_set_aside(r, "filter", "low_margin",
+                                      f"best margin {best:.4g} < min_margin {plan.rule.min_margin:g}"),
+                         "dropped_pairs": len(dropped)})
+            continue
+        prompt = plan.prompt(r["note"])
+        common = {
+            "sample_id": r["sample_id"], "split": r["split"], "label": r["label"],
+            "image_uri": r["image_uri"], "prompt": prompt,
+            "teacher_ranking": ranking.labels, "teacher_scores": ranking.scores,
+            "teacher_top": ranking.top(plan.rule.k), "teacher_bottom": ranking.bottom(plan.rule.q),
+            "truth_rank": ranking.rank_of(r["label"]), "teacher_name": r["teacher_name"],
+            "teacher_version": r["teacher_version"], "kind": "pair", "scored_at": r["scored_at"],
+        }
+        for n, pair in enumerate(kept):
+            rows.append({**common, "pair_index": pair.pair_index,
+                         "chosen": plan.task.answer_message(pair.chosen),
+                         "rejected": plan.task.answer_message(pair.rejected),
+                         "truth_forced": pair.truth_forced, "margin": pair.margin,
+                         "case_paired": n == 0, "dropped_pairs": len(dropped) if n == 0 else 0})
+    return pa.Table.from_pylist(rows, schema=plan.union_schema)
+
+
+def _set_aside(row: dict[str, Any], stage: str, reason: str, detail: str | None) -> dict[str, Any]:
+    return {"sample_id": row["sample_id"], "split": row["split"], "label": row["label"],
+            "image_uri": row["image_uri"], "stage": stage, "reason": reason, "detail": detail,
+            "kind": "set_aside", "dropped_pairs": 0, "scored_at": row["scored_at"]}
+
+
+# ---------------------------------------------------------------- 5. write
+
+
+@dataclass
+class Totals:
+    """What the write tasks report, summed on the driver."""
+
+    pairs: int = 0
+    cases_paired: int = 0
+    dropped_pairs: int = 0
+    quarantined: Counter[str] = field(default_factory=Counter)
+    filtered: Counter[str] = field(default_factory=Counter)
+    teachers: set[tuple[str, str]] = field(default_factory=set)
+    first_scored: float = math.inf
+    last_scored: float = -math.inf
+
+    def add(self, part: dict[str, Any]) -> None:
+        self.pairs += part["pairs"]
+        self.cases_paired += part["cases_paired"]
+        self.dropped_pairs += part["dropped_pairs"]
+        self.quarantined.update(part["quarantined"])
+        self.filtered.update(part["filtered"])
+        self.teachers.update(tuple(t) for t in part["teachers"])
+        if part["scored"]:
+            self.first_scored = min(self.first_scored, part["scored"][0])
+            self.last_scored = max(self.last_scored, part["scored"][1])
+
+
+class PreferenceSink(Datasink[dict[str, Any]]):
+    """Writes each write task's rows as one pairs file and one quarantine file.
+
+    File names come from the task index, so a retried task overwrites its own
+    files instead of adding a second copy. ``min_rows_per_write`` makes files of
+    about ``rows_per_file`` rows. Counts come back to the driver's instance.
+    """
+
+    def __init__(self, pairs_version: str, quarantine_version: str, schema: pa.Schema,
+                 rows_per_file: int) -> None:
+        self.pairs_version = pairs_version
+        self.quarantine_version = quarantine_version
+        self.schema = schema
+        self.rows_per_file = rows_per_file
+        self.totals = Totals()
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_file
+
+    def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, Any]:
+        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+        tables = [t for t in tables if t.num_rows]
+        part = {"pairs": 0, "cases_paired": 0, "dropped_pairs": 0, "quarantined": {}, "filtered": {},
+                "teachers": [], "scored": None}
+        if not tables:
+            return part
+        table = pa.concat_tables(tables)
+        name = f"part-{ctx.task_idx:05d}.parquet"
+        is_pair = pc.equal(table.column("kind"), "pair")
+        pairs = table.filter(is_pair)
+        rest = table.filter(pc.invert(is_pair))
+        if pairs.num_rows:
+            storage.write_table(self.pairs_version, pairs.select(self.schema.names).cast(self.schema), name)
+        if rest.num_rows:
+            storage.write_table(self.quarantine_version,
+                                rest.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA), name)
+        verdicts = Counter(zip(rest.column("stage").to_pylist(), rest.column("reason").to_pylist(),
+                               strict=True))
+        part.update(
+            pairs=pairs.num_rows,
+            cases_paired=int(pc.sum(pairs.column("case_paired")).as_py() or 0),
+            dropped_pairs=int(pc.sum(table.column("dropped_pairs")).as_py() or 0),
+            quarantined={reason: n for (stage, reason), n in verdicts.items() if stage != "filter"},
+            filtered={reason: n for (stage, reason), n in verdicts.items() if stage == "filter"},
+            teachers=sorted(set(zip(pairs.column("teacher_name").to_pylist(),
+                                    pairs.column("teacher_version").to_pylist(), strict=True))))
+        scored = pc.min_max(table.column("scored_at")).as_py()
+        if scored["min"] is not None:
+            part["scored"] = (scored["min"], scored["max"])
+        return part
+
+    def on_write_complete(self, write_result: Any) -> None:
+        for part in write_result.write_returns:
+            self.totals.add(part)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def cpus_needed(cfg: Config) -> float:
+    """Logical CPUs for the actor pool plus one task of every other operator."""
+    t = cfg.teacher
+    return t.num_actors * t.num_cpus_per_actor + READ_CPUS + cfg.decode_num_cpus + PAIRS_CPUS
+
+
+def ray_config(cfg: Config) -> RayConfig:
+    """An in-process cluster gets enough logical CPUs that the actors cannot starve the
+    other operators (the actor-pool stall on small machines); a named one is used as is."""
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        return cfg.ray
+    t = cfg.teacher
+    needed = math.ceil(cpus_needed(cfg))
+    if cfg.ray.num_cpus is not None and cfg.ray.num_cpus < needed:
+        raise ConfigError(f"ray.num_cpus={cfg.ray.num_cpus} leaves no CPU beside {t.num_actors} teacher "
+                          f"actor(s) x {t.num_cpus_per_actor:g} CPU: the pipeline would stall; set "
+                          f"ray.num_cpus>={needed} (logical CPUs may exceed cores) or fewer actors")
+    return cfg.ray.model_copy(update={"num_cpus": cfg.ray.num_cpus or max(os.cpu_count() or 1, needed)})
+
+
+def check_cluster(cfg: Config) -> None:
+    """Fail fast when the attached cluster can never host the actor pool."""
+    import ray
+
+    t = cfg.teacher
+    have = ray.cluster_resources()
+    if have.get("CPU", 0) < cpus_needed(cfg):
+        raise MintError(f"the Ray cluster has {have.get('CPU', 0):g} CPUs: {t.num_actors} actor(s) x "
+                        f"{t.num_cpus_per_actor:g} CPU leave too few for reading, decoding and writing "
+                        f"(needs {cpus_needed(cfg):g}), so the pipeline would stall; lower "
+                        "teacher.num_cpus_per_actor or teacher.num_actors")
+    gpus = t.num_actors * t.num_gpus_per_actor
+    if gpus and have.get("GPU", 0) < gpus:
+        log.warning("the cluster shows %g GPUs, the teacher pool needs %g: actors wait until the "
+                    "autoscaler adds GPU nodes", have.get("GPU", 0), gpus)
+
+
+def build_dataset(cfg: Config, rules: validate.Rules, teacher: TeacherInfo, plan: PairPlan) -> Dataset:
+    import ray
+
+    t = cfg.teacher
+    threads = None if t.num_gpus_per_actor else max(1, int(t.num_cpus_per_actor))
+    ds = ray.data.from_items([{"uri": cfg.cohort_uri}])
+    ds = ds.map_batches(read_cohort, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
+                        fn_kwargs={"chunk_rows": cfg.block_rows})
+    # Blocks of block_rows (Ray Data would otherwise merge the reader's chunks into one
+    # big block), so decode tasks, and then the actors, get many inputs to share.
+    ds = ds.repartition(target_num_rows_per_block=cfg.block_rows)
+    ds = ds.map_batches(prepare, batch_size=cfg.block_rows, batch_format="pyarrow",
+                        num_cpus=cfg.decode_num_cpus, fn_kwargs={"rules": rules, "io_threads": cfg.io_threads})
+    ds = ds.map_batches(TeacherScorer, batch_size=t.batch_size, batch_format="pyarrow",
+                        compute=ActorPoolStrategy(size=t.num_actors),
+                        num_cpus=t.num_cpus_per_actor, num_gpus=t.num_gpus_per_actor,
+                        fn_constructor_kwargs={"info": teacher, "device": t.device, "threads": threads})
+    return ds.map_batches(pair_rows, batch_size=None, batch_format="pyarrow", num_cpus=PAIRS_CPUS,
+                          fn_kwargs={"plan": plan})
+
+
+def check_cohort(uri: str) -> storage.Manifest:
+    manifest = storage.require_manifest(uri)
+    if manifest.num_rows == 0:
+        raise MintError(f"cohort {uri} has no rows: nothing to build pairs from")
+    names = storage.read_dataset_schema(uri).names
+    missing = [name for name in INPUT_FIELDS if name not in names]
+    if missing:
+        raise MintError(f"cohort {uri} lacks column(s) {', '.join(missing)}: it must follow the samples "
+                        "contract (write it with `mint-ray data synth`)")
+    return manifest
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Build and publish the preference dataset; returns a JSON-able summary."""
+    from mint_ray.ray_cluster import init_ray
+    from mint_ray.tracking import stage_run
+
+    task = configured_task(cfg)
+    cohort = check_cohort(cfg.cohort_uri)
+    teacher = describe_teacher(cfg, task, cohort.meta)
+    rule = pair_rule(cfg, task, len(teacher.labels))
+    rules = validation_rules(cfg, task, teacher)
+    pairs = pair_schema(task)
+    plan = PairPlan(task, teacher.labels, rule, pairs, union_schema(pairs))
+    output_uri = cfg.output()
+    quarantine_uri = storage.join(output_uri, QUARANTINE_DIR)
+    pairs_version = storage.prepare_output(output_uri, cfg.storage.overwrite)
+    # The quarantine belongs to the output: replacing the output replaces it.
+    quarantine_version = storage.prepare_output(quarantine_uri, overwrite=True)
+    options = {"k": rule.k, "q": rule.q, "pairs_per_case": rule.pairs_per_case,
+               "min_margin": rule.min_margin, "force_truth": rule.force_truth, "splits": cfg.splits,
+               "system_prompt": task.system_prompt, "instruction": task.instruction}
+
+    with stage_run(cfg.tracking, "preferences", cfg, cfg.storage.root, run_name=f"preferences-{task.name}",
+                   tags={"mint.task": task.name, "teacher.uri": teacher.uri,
+                         "teacher.kind": teacher.kind}) as tracked:
+        tracked.set_lineage("cohort", cfg.cohort_uri, cohort)
+        published: list[str] = []
+        try:
+            init_ray(ray_config(cfg))
+            check_cluster(cfg)
+            sink = PreferenceSink(pairs_version, quarantine_version, pairs, cfg.rows_per_file)
+            log.info("preferences %s: %d rows from %s, teacher %s (%s) on %d actor(s)", task.name,
+                     cohort.num_rows, cfg.cohort_uri, teacher.name, teacher.kind, cfg.teacher.num_actors)
+            started = time.time()
+            build_dataset(cfg, rules, teacher, plan).write_datasink(sink, ray_remote_args={"num_cpus": PAIRS_CPUS})
+            totals = sink.totals
+            rates = speed(cohort.num_rows, started, time.time(), totals, cfg.teacher.batch_size)
+            identity = teacher_identity(teacher, totals)
+            counts = check_accounting(cohort.num_rows, totals)
+            quarantine = storage.commit(quarantine_uri, quarantine_version,
+                                        meta={"task": task.name, "pairs_uri": output_uri, **counts})
+            published.append(quarantine_version)
+            manifest = storage.commit(output_uri, pairs_version, meta={
+                "task": task.name, "teacher": identity, **options, "counts": counts,
+                "cohort": {"uri": cfg.cohort_uri, "content_hash": cohort.content_hash},
+                "quarantine": {"uri": quarantine_uri, "version": quarantine.version,
+                               "num_rows": quarantine.num_rows, "content_hash": quarantine.content_hash}})
+        except BaseException:
+            for version in (pairs_version, quarantine_version):
+                if version not in published:
+                    storage.abort(version)
+            raise
+        tracked.set_tags({"teacher.name": identity["name"], "teacher.version": identity["version"]})
+        tracked.set_lineage("output", output_uri, manifest)
+        tracked.set_lineage("quarantine", quarantine_uri, quarantine)
+        tracked.log_metrics({"rows_in": cohort.num_rows, "pairs": totals.pairs,
+                             "cases_paired": totals.cases_paired, "quarantined": counts["quarantined_total"],
+                             "filtered": counts["filtered_total"], "pairs_dropped_low_margin": totals.dropped_pairs,
+                             **rates, **{f"quarantine.{r}": n for r, n in totals.quarantined.items()},
+                             **{f"filtered.{r}": n for r, n in totals.filtered.items()}})
+        summary = {
+            "task": task.name, "output_uri": output_uri, "version": manifest.version,
+            "content_hash": manifest.content_hash, "quarantine_uri": quarantine_uri,
+            "quarantine_version": quarantine.version, "teacher": identity, "options": options,
+            **counts, **{k: round(v, 2) for k, v in rates.items()}, "mlflow_run_id": tracked.run_id,
+        }
+        tracked.log_dict({k: v for k, v in summary.items() if k != "options"}, "preferences_summary.json")
+    log.info("preferences %s: %s", task.name, counts["accounting"])
+    return summary
+
+
+def speed(rows: int, started: float, ended: float, totals: Totals, batch_size: int) -> dict[str, float]:
+    """End-to-end rows/s, the start-up until the first scored batch (actor start, model
+    load), and the steady rows/s from then on (rows after the first batch / the time the
+    teacher was streaming; left out for runs of fewer than 10 batches, where it is noise)."""
+    seconds = ended - started
+    rates = {"seconds": seconds, "rows_per_s": rows / seconds}
+    if math.isfinite(totals.first_scored):
+        rates["startup_s"] = totals.first_scored - started
+    streaming = totals.last_scored - totals.first_scored
+    if rows >= 10 * batch_size and streaming > 0:
+        rates["steady_rows_per_s"] = (rows - batch_size) / streaming
+    return rates
+
+
+def teacher_identity(teacher: TeacherInfo, totals: Totals) -> dict[str, str]:
+    """Name/version as the actors loaded it (one teacher for the whole run, or an error)."""
+    if len(totals.teachers) > 1:
+        raise MintError(f"the teacher at {teacher.uri} changed during the run "
+                        f"({sorted(totals.teachers)}): re-run once it is stable")
+    name, version = next(iter(totals.teachers), (teacher.name, teacher.version or "unknown"))
+    if teacher.version and version != teacher.version:
+        raise MintError(f"teacher {teacher.uri}: actors loaded version {version}, its spec says "
+                        f"{teacher.version}; re-run once the teacher directory is stable")
+    return {"name": name, "version": version, "kind": teacher.kind, "uri": teacher.uri}
+
+
+def check_accounting(rows_in: int, totals: Totals) -> dict[str, Any]:
+    """The run's counts; raises unless every cohort row is accounted for exactly once."""
+    quarantined, filtered = sum(totals.quarantined.values()), sum(totals.filtered.values())
+    line = (f"rows_in {rows_in} = cases_paired {totals.cases_paired} + quarantined {quarantined} "
+            f"+ filtered {filtered}; pairs {totals.pairs}")
+    if rows_in != totals.cases_paired + quarantined + filtered:
+        raise MintError(f"rows unaccounted for ({line}): nothing was published; please report this")
+    if totals.pairs == 0:
+        reasons = ", ".join(f"{r}: {n}" for r, n in (totals.quarantined + totals.filtered).most_common())
+        raise MintError(f"no pairs built: every row was set aside ({reasons}); nothing was published. "
+                        "Check the cohort, the teacher's labels and the options")
+    return {"rows_in": rows_in, "cases_paired": totals.cases_paired, "pairs": totals.pairs,
+            "quarantined_total": quarantined, "filtered_total": filtered,
+            "quarantined": dict(sorted(totals.quarantined.items())),
+            "filtered": dict(sorted(totals.filtered.items())),
+            "pairs_dropped_low_margin": totals.dropped_pairs, "accounting": line}
