@@ -21,14 +21,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from mint_ray import storage, tracking
 from mint_ray.config import StorageConfig, StrictModel, TrackingConfig
 from mint_ray.data import SAMPLES_SCHEMA, Generator, images, splits
 from mint_ray.data.rare_disease import NoteStyle, RareDiseaseOptions
-from mint_ray.errors import ConfigError, MintError
-from mint_ray.tasks import get_task
+from mint_ray.errors import ConfigError
+from mint_ray.tasks import TaskName
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class Sizes(StrictModel):
 class Config(StrictModel):
     """``mint-ray data synth``: which task, how many cases, where to write them."""
 
-    task: str = "rare_disease"
+    task: TaskName = "rare_disease"
     output_uri: str | None = Field(None, description="default: <storage.root>/cohorts/<task>")
     sizes: Sizes = Sizes()
     image_size: int = Field(64, ge=16, le=1024)
@@ -117,14 +117,6 @@ class Config(StrictModel):
     rare_disease: RareDiseaseOptions = RareDiseaseOptions()
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()
-
-    @field_validator("task")
-    @classmethod
-    def _known_task(cls, name: str) -> str:
-        try:
-            return get_task(name).name
-        except MintError as err:
-            raise ValueError(str(err)) from None
 
     def output(self) -> str:
         """The output URI; local paths are made absolute, since ``image_uri`` values

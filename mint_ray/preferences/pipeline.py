@@ -65,7 +65,7 @@ from mint_ray.config import RayConfig, StorageConfig, StrictModel, TrackingConfi
 from mint_ray.errors import ConfigError, MintError, StorageError
 from mint_ray.preferences import validate
 from mint_ray.preferences.pairs import PairRule, build_pairs, rank
-from mint_ray.tasks import Task, get_task
+from mint_ray.tasks import Task, TaskName, get_task
 
 if TYPE_CHECKING:
     from ray.data import Dataset
@@ -140,7 +140,7 @@ class LimitsConfig(StrictModel):
 class Config(StrictModel):
     """``mint-ray preferences``: cohort + teacher -> preference pairs and a quarantine table."""
 
-    task: str
+    task: TaskName
     cohort_uri: str
     teacher: TeacherConfig
     output_uri: str | None = Field(None, description="default: <storage.root>/preferences/<task>")
@@ -156,14 +156,6 @@ class Config(StrictModel):
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
-
-    @field_validator("task")
-    @classmethod
-    def _known_task(cls, name: str) -> str:
-        try:
-            return get_task(name).name
-        except MintError as err:
-            raise ValueError(str(err)) from None
 
     @field_validator("splits")
     @classmethod
