@@ -128,6 +128,16 @@ def test_killed_worker_resumes_from_latest_checkpoint(tmp_path: Path) -> None:
     assert 0 < training["resumed_from_step"] < 80
 
 
+def test_resume_on_request_from_an_earlier_run(tmp_path: Path) -> None:
+    write_text_prefs(str(tmp_path / "prefs"), 16)
+    first = train_stage.run(_config(tmp_path, str(tmp_path / "prefs"), "optim.max_steps=2",
+                                    "tracking.enabled=false"))
+    resumed = train_stage.run(_config(
+        tmp_path, str(tmp_path / "prefs"), "optim.max_steps=4", "tracking.enabled=false",
+        f"output_uri={tmp_path}/student2", f"checkpoint.resume_from={first['checkpoint']}"))
+    assert resumed["training"]["resumed_from_step"] == 2 and resumed["training"]["steps"] == 4
+
+
 def test_mllama_zero3_with_images(tmp_path: Path) -> None:
     write_vision_prefs(str(tmp_path / "prefs"), 8)
     cfg = _config(tmp_path, str(tmp_path / "prefs"), "model.kind=mllama", "optim.max_steps=2",

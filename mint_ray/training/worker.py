@@ -189,7 +189,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     start_step = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and cfg.checkpoint.resume_from:
-        checkpoint = ray.train.Checkpoint(cfg.checkpoint.resume_from)
+        # An earlier run's checkpoint (local or s3://), on request.
+        fs, path = storage.filesystem(cfg.checkpoint.resume_from)
+        checkpoint = ray.train.Checkpoint(path, filesystem=fs)
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             _, client_state = engine.load_checkpoint(ckpt_dir)
