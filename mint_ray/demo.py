@@ -28,7 +28,7 @@ CLI_FLAGS = {"root": "root", "tasks": "tasks", "quick": "quick", "serve": "serve
 class Config(StrictModel):
     root: str = "./mint-data"
     tasks: list[str] = Field(default_factory=lambda: ["rare_disease", "tissue_type"], min_length=1)
-    # Smaller cohorts and fewer steps (a smoke run of every stage in a few minutes).
+    # Smaller cohorts and 3 training steps: a smoke run of every stage (its students learn nothing).
     quick: bool = False
     serve: bool = True
 
@@ -47,7 +47,7 @@ def _steps(task: str, root: str, quick: bool) -> list[Step]:
     cohort = storage.join(root, "cohorts", task)
     teacher = storage.join(root, "teachers", f"{task}-{kind}")
     pairs = storage.join(root, "preferences", task)
-    n = 300 if quick else (1000 if text else 800)
+    n = 300 if quick else 600
     common = (f"storage.root={root}", "storage.overwrite=true")
     return [
         Step("cohort", "mint_ray.data.synth", "synth_local.yaml",
@@ -55,14 +55,15 @@ def _steps(task: str, root: str, quick: bool) -> list[Step]:
               *(["sizes.n_diseases=20"] if text else []))),
         Step("teacher", "mint_ray.teachers.train",
              "teacher_rare_disease_fusion.yaml" if text else "teacher_tissue_type_clip.yaml",
-             (*common, f"cohort_uri={cohort}", f"output_uri={teacher}", f"epochs={3 if quick else 12}")),
+             (*common, f"cohort_uri={cohort}", f"output_uri={teacher}", f"epochs={3 if quick else 10}")),
         Step("preferences", "mint_ray.preferences.pipeline",
              "preferences_rare_disease.yaml" if text else "preferences_tissue.yaml",
              (*common, f"cohort_uri={cohort}", f"teacher.uri={teacher}", f"output_uri={pairs}")),
         Step("compare", "mint_ray.evaluation.compare", f"compare_{task}.yaml",
              (*common, f"data_uri={pairs}", f"output_uri={storage.join(root, 'comparisons', task)}",
               f"train.registry={{enabled: true, name: mint-{task}}}",
-              *([f"max_cases={20}", "train.optim.max_steps=3"] if quick else ["max_cases=60"]))),
+              *(["max_cases=20", "train.optim.max_steps=3"] if quick else
+                ["max_cases=40", "train.optim.max_steps=40"]))),
     ]
 
 

@@ -137,7 +137,8 @@ def render_tile(look: TissueLook, size: int, rng: np.random.Generator) -> tuple[
     else:
         centres, angles = _scattered(n, w, rng)
 
-    radii = look.radius * w * rng.lognormal(0.0, look.pleomorphism, n)
+    # One radius per centre actually placed: a layout may place fewer than n.
+    radii = look.radius * w * rng.lognormal(0.0, look.pleomorphism, len(centres))
     for (x, y), r, angle in zip(centres, radii, angles, strict=True):
         ry = r * look.roundness * rng.uniform(0.9, 1.1)
         points = images.ellipse_points(float(x), float(y), float(r), float(ry), float(angle), n=12)
