@@ -26,10 +26,11 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _isolate_mlflow_uri() -> Iterator[None]:
     """``mlflow.set_tracking_uri`` also sets ``MLFLOW_TRACKING_URI`` in the environment;
-    restore it so one test's server does not become the next test's default."""
+    restore it after each module (module scope: it must wrap the module's own fixtures)
+    so one module's server does not become the next module's default."""
     import mlflow
 
     saved = os.environ.get("MLFLOW_TRACKING_URI")

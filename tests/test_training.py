@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -79,24 +81,31 @@ def test_zero3_orpo_two_workers_shards_learns_and_exports(tmp_path: Path) -> Non
 
 
 def test_multi_node_two_raylets_on_s3(tmp_path: Path, s3_bucket: str) -> None:
+    """Two raylets on this machine; the driver is a separate `mint-ray train` process that
+    attaches to the cluster (as a user's would), so the cluster's teardown never touches
+    this test process's own Ray."""
     from ray.cluster_utils import Cluster
 
-    ray.shutdown()  # this test attaches to its own two-node cluster
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
     try:
         data = f"{s3_bucket}/prefs"
         write_text_prefs(data, 12)
-        cfg = load_config(Config, None, [
-            "task=rare_disease", f"data.uri={data}", f"storage.root={tmp_path}",
-            f"output_uri={s3_bucket}/student", *TINY, f"ray.address={cluster.address}",
-            "scaling.placement_strategy=STRICT_SPREAD", "optim.max_steps=2"])
-        summary = train_stage.run(cfg)
+        out = subprocess.run(
+            [sys.executable, "-m", "mint_ray.cli", "train", "--task", "rare_disease", "--data", data,
+             "--out", f"{s3_bucket}/student", *(a for o in [*TINY, f"storage.root={tmp_path}",
+                                                            f"ray.address={cluster.address}",
+                                                            "scaling.placement_strategy=STRICT_SPREAD",
+                                                            "optim.max_steps=2"] for a in ("--set", o))],
+            capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        # The CLI prints the run's summary as JSON (Ray may log more lines after it).
+        start = out.stdout.index('{\n  "model_uri"')
+        summary, _ = json.JSONDecoder().raw_decode(out.stdout[start:])
         assert len(set(summary["training"]["node_ids"])) == 2  # one worker per node
         assert storage.exists(f"{s3_bucket}/student/model/config.json")
         assert summary["checkpoint"].startswith(s3_bucket[len("s3://"):])
     finally:
-        ray.shutdown()
         cluster.shutdown()
 
 
