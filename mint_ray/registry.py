@@ -66,6 +66,21 @@ def log_student(model_dir: str | Path, name: str | None, tags: dict[str, str]) -
     return out
 
 
+def parse_models_uri(uri: str) -> tuple[str, str | None, str | None] | None:
+    """``models:/name/3`` -> (name, "3", None); ``models:/name@champion`` -> (name, None, "champion");
+    None for anything else (a logged model ``models:/m-<id>``, a path)."""
+    if not uri.startswith("models:/"):
+        return None
+    rest = uri[len("models:/"):].strip("/")
+    if "@" in rest:
+        name, alias = rest.rsplit("@", 1)
+        return name, None, alias
+    if "/" in rest:
+        name, version = rest.rsplit("/", 1)
+        return name, version, None
+    return None
+
+
 def resolve_model_dir(uri: str, cache_dir: str | Path) -> Path:
     """A local Hugging Face directory for ``uri``: ``models:/name@alias``, ``models:/name/3``,
     an ``s3://`` directory or a local path."""

@@ -64,6 +64,7 @@ from mint_ray import storage
 from mint_ray.config import RayConfig, StrictModel
 from mint_ray.errors import MintError
 from mint_ray.metrics import THRESHOLD, normalise, synonyms
+from mint_ray.registry import parse_models_uri
 from mint_ray.tasks import TASKS, TISSUE_TYPE, TISSUE_TYPES, Task, get_task
 
 DEPLOYMENT_NAME = "MintStudent"
@@ -466,13 +467,10 @@ class ModelRef:
 
 
 def parse_model_uri(uri: str) -> ModelRef:
-    if uri.startswith("models:/"):
-        rest = uri[len("models:/"):].strip("/")
-        if "@" in rest:
-            name, alias = rest.split("@", 1)
-            return ModelRef(uri, name, alias=alias)
-        name, _, version = rest.partition("/")
-        return ModelRef(uri, name, version=version or None)
+    parsed = parse_models_uri(uri)
+    if parsed is not None:
+        name, version, alias = parsed
+        return ModelRef(uri, name, alias=alias, version=version)
     return ModelRef(uri, uri.rstrip("/").rsplit("/", 1)[-1])
 
 

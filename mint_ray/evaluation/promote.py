@@ -24,6 +24,7 @@ from pydantic import Field, field_validator
 
 from mint_ray.config import StorageConfig, StrictModel, TrackingConfig
 from mint_ray.errors import MintError
+from mint_ray.registry import parse_models_uri
 
 EVAL_PREFIX = "eval."
 PROMOTION_PREFIX = "promotion."
@@ -55,21 +56,6 @@ class Config(StrictModel):
 
 
 # ---------------------------------------------------------------- registry look-ups
-
-
-def parse_models_uri(uri: str) -> tuple[str, str | None, str | None] | None:
-    """``models:/name/3`` -> (name, "3", None); ``models:/name@champion`` -> (name, None, "champion");
-    None for anything else (a logged model ``models:/m-<id>``, a path)."""
-    if not uri.startswith("models:/"):
-        return None
-    rest = uri[len("models:/"):].strip("/")
-    if "@" in rest:
-        name, alias = rest.rsplit("@", 1)
-        return name, None, alias
-    if "/" in rest:
-        name, version = rest.rsplit("/", 1)
-        return name, version, None
-    return None
 
 
 def use_tracking(cfg: TrackingConfig, data_root: str) -> str:
