@@ -1,5 +1,5 @@
 """Preference pipeline throughput and memory: whole pipeline vs the teacher alone, 1 vs 2
-actors, and streaming at two cohort sizes. Prints figures, asserts nothing.
+actors at each size, and streaming at two cohort sizes. Prints figures, asserts nothing.
 
     .venv/bin/python benchmarks/bench_preferences.py                  # 10k and 100k cases
     .venv/bin/python benchmarks/bench_preferences.py --sizes 2000     # a quick look
@@ -134,11 +134,12 @@ def make_cohort(work: Path, unique: int, size: int, image_size: int) -> str:
 
 
 def make_teacher(work: Path, args: argparse.Namespace) -> str:
-    uri = str(work / f"teacher-h{args.teacher_hidden}-l{args.teacher_layers}-i{args.teacher_image}")
+    uri = str(work / f"teacher-h{args.teacher_hidden}-l{args.teacher_layers}-i{args.teacher_image}"
+                     f"-p{args.teacher_patch}")
     if not (Path(uri) / "mint_teacher.json").exists():
         settings = ClipSettings(hidden_size=args.teacher_hidden, intermediate_size=4 * args.teacher_hidden,
                                 layers=args.teacher_layers, heads=4, projection_dim=64,
-                                image_size=args.teacher_image, patch_size=8, vocab_size=400)
+                                image_size=args.teacher_image, patch_size=args.teacher_patch, vocab_size=400)
         save_teacher_dir(build_tiny_clip(settings, name="bench-clip", task="tissue_type",
                                          labels=TISSUE_TYPES), uri)
     return uri
@@ -191,6 +192,7 @@ def main() -> None:
     parser.add_argument("--teacher-hidden", type=int, default=128)
     parser.add_argument("--teacher-layers", type=int, default=4)
     parser.add_argument("--teacher-image", type=int, default=64)
+    parser.add_argument("--teacher-patch", type=int, default=8)
     parser.add_argument("--logical-cpus", type=int, default=4)
     parser.add_argument("--work", default="/tmp/mint-bench-preferences")
     args = parser.parse_args()
@@ -203,32 +205,33 @@ def main() -> None:
     alone, alone_cpu = teacher_alone(teacher_uri, cohorts[first], min(first, 3000), args.batch_size)
     start_local_ray(args.logical_cpus)
     run_pipeline(work, cohorts[warm], teacher_uri, 2, args)  # starts Ray's worker processes
-    runs = [run_pipeline(work, cohorts[first], teacher_uri, 1, args),
-            *(run_pipeline(work, cohorts[n], teacher_uri, 2, args) for n in sizes)]
+    runs = {(n, actors): run_pipeline(work, cohorts[n], teacher_uri, actors, args)
+            for n in sizes for actors in (1, 2)}
 
     print(f"\nteacher: CLIP hidden {args.teacher_hidden}, {args.teacher_layers} layers, {args.teacher_image}px "
-          f"input; tiles {args.image_size}px; batch {args.batch_size}; {psutil.cpu_count()} cores, "
-          f"{args.logical_cpus} logical CPUs")
+          f"input, patch {args.teacher_patch}; tiles {args.image_size}px; batch {args.batch_size}; "
+          f"{psutil.cpu_count()} cores, {args.logical_cpus} logical CPUs")
     print(f"teacher alone, 1 thread, no I/O: {alone:.0f} rows/s measured, {alone_cpu:.2f} CPU-ms/row\n")
     print("| cases | actors | load avg | seconds | start-up s | rows/s end to end | rows/s steady | "
           "CPU-ms/row actors | CPU-ms/row rest | peak PSS MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in runs:
+    for r in runs.values():
         n = r["rows_in"]
         print(f"| {n} | {r['actors']} | {r['load']:.1f} | {r['seconds']:.1f} | {r['startup_s']:.1f} | "
               f"{r['rows_per_s']:.0f} | {r['steady_rows_per_s']:.0f} | {1000 * r['cpu_actor'] / n:.2f} | "
               f"{1000 * r['cpu_rest'] / n:.2f} | {r['peak_pss'] / 2**20:.0f} |")
-    one, two = runs[0], runs[1]
-    print(f"\nmeasured at {first} cases: 1 actor {one['steady_rows_per_s'] / alone:.2f}x teacher alone (steady); "
-          f"2 actors / 1 actor x{two['steady_rows_per_s'] / one['steady_rows_per_s']:.2f} steady, "
-          f"x{two['rows_per_s'] / one['rows_per_s']:.2f} end to end")
+    print(f"\n1 actor at {first} cases, steady: {runs[first, 1]['steady_rows_per_s'] / alone:.2f}x the teacher alone")
+    for n in sizes:
+        one, two = runs[n, 1], runs[n, 2]
+        print(f"2 actors / 1 actor at {n} cases: x{two['steady_rows_per_s'] / one['steady_rows_per_s']:.2f} steady, "
+              f"x{two['rows_per_s'] / one['rows_per_s']:.2f} end to end")
     if len(sizes) > 1:
-        lo, hi = runs[1], runs[-1]
+        lo, hi = runs[sizes[0], 2], runs[sizes[-1], 2]
         rows = hi["rows_in"] - lo["rows_in"]
         actor_ms = 1000 * (hi["cpu_actor"] - lo["cpu_actor"]) / rows
         rest_ms = 1000 * (hi["cpu_rest"] - lo["cpu_rest"]) / rows
         p1, p2, pa_ = 1000 / max(actor_ms, rest_ms), 2000 / (actor_ms + rest_ms), 1000 / alone_cpu
-        print(f"{sizes[-1]} vs {sizes[0]} cases (x{sizes[-1] / sizes[0]:.0f}): time "
+        print(f"{sizes[-1]} vs {sizes[0]} cases (x{sizes[-1] / sizes[0]:.0f}), 2 actors: time "
               f"x{hi['seconds'] / lo['seconds']:.2f}, peak memory x{hi['peak_pss'] / lo['peak_pss']:.2f}")
         print(f"per-row CPU without start-up (from the difference): actors {actor_ms:.2f} ms "
               f"(teacher alone {alone_cpu:.2f}), everything else {rest_ms:.2f} ms")

@@ -39,7 +39,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import tempfile
 import threading
@@ -145,7 +144,9 @@ class ServeConfig(StrictModel):
     # [{"name", "id"}]. None: the tissue ids, or the model's lineage (its preference
     # data's cohort) when that is readable.
     label_catalog_uri: str | None = None
-    cache_dir: str | None = None
+    # Where model downloads are staged while loading (None: the system temp dir); each is
+    # deleted once its weights are in memory.
+    download_dir: str | None = None
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
@@ -533,7 +534,6 @@ class LoadedModel:
     task: Task
     metadata: dict[str, Any]
     ids: LabelIds
-    local_dir: Path
     loaded_at: float = field(default_factory=time.time)
 
     def info(self) -> ModelInfo:
@@ -557,15 +557,15 @@ class LoadedModel:
                 "label_ids": len(self.ids)}
 
 
-def load_model(cfg: ServeConfig, ref: ModelRef, version: str | None, cache_dir: Path) -> LoadedModel:
-    """Download (registered models: exactly ``version``) and load the student."""
+def load_model(cfg: ServeConfig, ref: ModelRef, version: str | None) -> LoadedModel:
+    """Download (registered models: exactly ``version``) and load the student. The download
+    is deleted once the weights are in memory: a replica that is killed leaves no files."""
     from mint_ray.generation import load_generator
     from mint_ray.registry import resolve_model_dir
 
-    target = Path(tempfile.mkdtemp(prefix=f"v{version or 'dir'}-", dir=cache_dir))
     uri = f"models:/{ref.name}/{version}" if ref.registered and version else ref.uri
-    model_dir = resolve_model_dir(uri, target)
-    generator = load_generator(model_dir)
+    with tempfile.TemporaryDirectory(prefix="mint-serve-", dir=cfg.download_dir) as target:
+        generator = load_generator(resolve_model_dir(uri, target))
     if generator.task not in TASKS:
         raise MintError(f"{uri}: mint_model.json names task {generator.task!r}; "
                         f"a served model must do one of {', '.join(sorted(TASKS))}")
@@ -574,7 +574,7 @@ def load_model(cfg: ServeConfig, ref: ModelRef, version: str | None, cache_dir: 
                         f"task {cfg.task!r}: fix model_uri or task")
     task = get_task(generator.task)
     ids = LabelIds(label_catalog(task, generator.metadata, cfg.label_catalog_uri))
-    return LoadedModel(generator, ref, version, task, generator.metadata, ids, target)
+    return LoadedModel(generator, ref, version, task, generator.metadata, ids)
 
 
 def read_api_key(cfg: ServeConfig) -> bytes | None:
@@ -703,11 +703,8 @@ class MintStudent:
 
             mlflow.set_tracking_uri(self.cfg.tracking_uri)
         self.ref = parse_model_uri(self.cfg.model_uri)
-        self._own_cache = self.cfg.cache_dir is None
-        self.cache_dir = Path(self.cfg.cache_dir or tempfile.mkdtemp(prefix="mint-serve-"))
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
         version = await asyncio.to_thread(pinned_version, self.ref)
-        self.model: LoadedModel = await asyncio.to_thread(load_model, self.cfg, self.ref, version, self.cache_dir)
+        self.model: LoadedModel = await asyncio.to_thread(load_model, self.cfg, self.ref, version)
         self.alias_error: str | None = None
         self.alias_checked_at: float | None = None
         self._watcher: asyncio.Task | None = None
@@ -719,11 +716,9 @@ class MintStudent:
         return create_api(self)
 
     def __del__(self) -> None:
-        """Serve calls this when it stops the replica: stop polling, drop downloaded weights."""
+        """Serve calls this when it stops the replica: stop polling the alias."""
         if getattr(self, "_watcher", None) is not None:
             self._watcher.cancel()
-        if getattr(self, "_own_cache", False):
-            shutil.rmtree(self.cache_dir, ignore_errors=True)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """``user_config`` carries the batching settings; Serve calls this on start and on
@@ -749,13 +744,12 @@ class MintStudent:
                 if version == self.model.version:
                     continue
                 log.info("alias %s moved to version %s: loading it", self.ref.uri, version)
-                new = await asyncio.to_thread(load_model, self.cfg, self.ref, version, self.cache_dir)
+                new = await asyncio.to_thread(load_model, self.cfg, self.ref, version)
                 if new.task.name != self.model.task.name:
                     raise MintError(f"version {version} is a {new.task.name} model; this deployment serves "
                                     f"{self.model.task.name}: keeping version {self.model.version}")
-                old, self.model = self.model, new
-                # Batches in flight hold ``old`` itself; its files are no longer read.
-                shutil.rmtree(old.local_dir, ignore_errors=True)
+                # Batches in flight hold the old model itself and finish on it.
+                self.model = new
                 log.info("now serving %s version %s", self.ref.name, new.version)
             except asyncio.CancelledError:
                 raise

@@ -261,6 +261,17 @@ def test_compare_checks_training_configs_and_rows_first(tmp_path: Path) -> None:
         compare.prepare_arms(cfg.model_copy(update={"train": {}}), test, "")
 
 
+@pytest.mark.parametrize(("lora", "reference"), [(True, None), (False, "/runs/sft")])
+def test_dpo_arm_is_referenced_to_the_model_it_starts_from(lora: bool, reference: str | None) -> None:
+    cfg = build_config(compare.Config, {"task": "rare_disease", "data_uri": "/d",
+                                        "train": {"model": {"lora": {"enabled": lora}}}})
+    dpo = next(a for a in cfg.arm_configs if a.kind == "dpo")
+    train = compare.train_config(cfg, dpo, "/runs/sft")
+    assert (train.model.path, train.model.reference_path) == ("/runs/sft", reference)
+    orpo = compare.train_config(cfg, next(a for a in cfg.arm_configs if a.kind == "orpo"), "/base")
+    assert orpo.model.reference_path is None
+
+
 @pytest.mark.slow
 def test_compare_trains_the_arms_and_writes_one_report(tmp_path: Path, capsys) -> None:
     prefs = str(tmp_path / "prefs")

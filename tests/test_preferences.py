@@ -25,7 +25,7 @@ from mint_ray import storage
 from mint_ray.config import build_config
 from mint_ray.data import synth
 from mint_ray.errors import ConfigError, StorageError
-from mint_ray.preferences import pipeline
+from mint_ray.preferences import pipeline, validate
 from mint_ray.preferences.pipeline import Config, TeacherScorer, catalog_names, run
 from mint_ray.tasks import RARE_DISEASE, TISSUE_TYPE, TISSUE_TYPES
 from mint_ray.teachers import Case, save_teacher_dir
@@ -290,6 +290,33 @@ class _FlakyTeacher:
         if any(c.note == "boom" for c in cases):
             raise ValueError("cannot score this one")
         return np.array([[np.nan, 0, 0] if c.note == "nan" else [3, 2, 1] for c in cases], np.float32)
+
+
+def test_decoded_blocks_hold_whole_batches_and_about_block_bytes(tmp_path: Path) -> None:
+    """Large images make blocks of fewer rows (never over-filling the object store), in
+    whole teacher batches; every row comes out once, in order, with its own pixels."""
+    rng = np.random.default_rng(0)
+    pictures, rows = [], []
+    for i in range(10):
+        picture = rng.integers(0, 255, (20 + i, 30, 3), dtype=np.uint8)
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(picture).save(path)
+        pictures.append(picture)
+        rows.append({"sample_id": f"s{i}", "task": "tissue_type", "split": "train", "note": None,
+                     "image_uri": str(path) if i != 3 else str(tmp_path / "gone.png"),
+                     "label": TISSUE_TYPES[0], "type_error": None, "duplicate": False})
+    rules = validate.Rules(task="tissue_type", labels=frozenset(TISSUE_TYPES), splits=frozenset(["train"]),
+                           needs_note=False, needs_image=True, max_image_bytes=10**6, max_image_pixels=10**6)
+    blocks = list(pipeline.prepare(pa.Table.from_pylist(rows), rules, io_threads=4, batch_rows=2,
+                                   block_bytes=5000))
+    # Rows of 1800-2610 bytes: two batches of 2 pass 5000 bytes; the last batch alone does.
+    assert [b.num_rows for b in blocks] == [4, 4, 2]
+    table = pa.concat_tables(blocks)
+    assert table.column("sample_id").to_pylist() == [f"s{i}" for i in range(10)]
+    images = pipeline.image_views(table.column("pixels"), table.column("height").to_pylist(),
+                                  table.column("width").to_pylist())
+    assert images[3] is None and table.column("reason")[3].as_py() == "missing_image"
+    assert all(np.array_equal(images[i], pictures[i]) for i in range(10) if i != 3)
 
 
 def test_a_failing_row_costs_only_itself() -> None:

@@ -160,7 +160,13 @@ def train_config(cfg: Config, arm: ArmConfig | None, start_uri: str | None = Non
     shared = cfg.train
     if arm is not None:
         shared = deep_merge(shared, arm.train)
-        fixed = deep_merge(fixed, {"objective": arm.kind, "model": {"path": start_uri, "tiny": None},
+        model: dict[str, Any] = {"path": start_uri, "tiny": None}
+        full_finetune = not (shared.get("model", {}).get("lora") or {}).get("enabled", True)
+        if arm.kind == "dpo" and full_finetune and not shared.get("model", {}).get("reference_path"):
+            # The paper's DPO reference is the model it starts from (SFT for DPO-from-SFT);
+            # LoRA gets it by switching the adapter off, full fine-tuning needs a frozen copy.
+            model["reference_path"] = start_uri
+        fixed = deep_merge(fixed, {"objective": arm.kind, "model": model,
                                    "output_uri": storage.join(cfg.output(), "arms", arm.name),
                                    "run_name": f"compare-{cfg.task}-{arm.name}"})
     try:

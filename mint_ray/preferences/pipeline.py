@@ -48,7 +48,7 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -150,8 +150,9 @@ class Config(StrictModel):
     limits: LimitsConfig = LimitsConfig()
     decode_num_cpus: float = Field(0.5, gt=0, description="logical CPUs per fetch/decode task")
     io_threads: int = Field(16, ge=1, description="image fetches in flight per decode task")
-    block_rows: int = Field(1024, ge=1, description="rows per block between operators (one decode task, "
-                                                    "one actor call); lower it for large images")
+    block_rows: int = Field(1024, ge=1, description="cohort rows per read block (one decode task)")
+    block_bytes: int = Field(16 * 2**20, gt=0, description=(
+        "decoded pixels per block sent to the teacher: blocks of large images hold fewer rows"))
     rows_per_file: int = Field(10_000, ge=1)
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -300,7 +301,7 @@ READ_SCHEMA = pa.schema([*((name, _TEXT) for name in INPUT_FIELDS),
                          ("type_error", _TEXT), ("duplicate", pa.bool_())])
 _VERDICT = [("stage", _TEXT), ("reason", _TEXT), ("detail", _TEXT)]
 _ROW = [("sample_id", _TEXT), ("split", _TEXT), ("note", _TEXT), ("image_uri", _TEXT), ("label", _TEXT)]
-PREPARED_SCHEMA = pa.schema([*_ROW, ("pixels", pa.binary()), ("height", pa.int32()),
+PREPARED_SCHEMA = pa.schema([*_ROW, ("pixels", pa.large_binary()), ("height", pa.int32()),
                              ("width", pa.int32()), *_VERDICT])
 SCORED_SCHEMA = pa.schema([*_ROW, *_VERDICT, ("scores", pa.list_(pa.float32())),
                            ("teacher_name", _TEXT), ("teacher_version", _TEXT), ("scored_at", pa.float64())])
@@ -417,28 +418,70 @@ def _io_pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mint-fetch")
 
 
-def prepare(batch: pa.Table, rules: validate.Rules, io_threads: int) -> pa.Table:
-    """Check rows, fetch and decode images (threads overlap the fetches)."""
+def pixel_column(images: Sequence[np.ndarray | None]) -> pa.Array:
+    """Decoded images as one binary column, copied once into a single buffer (nulls where none)."""
+    present = [image is not None for image in images]
+    sizes = np.array([0 if image is None else image.nbytes for image in images], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    data = np.concatenate([image.reshape(-1) for image in images if image is not None]) if any(present) \
+        else np.zeros(0, np.uint8)
+    validity = pa.array(present, pa.bool_()).buffers()[1]
+    return pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(images),
+                                            [validity, pa.py_buffer(offsets), pa.py_buffer(data)],
+                                            null_count=present.count(False))
+
+
+def image_views(column: pa.ChunkedArray | pa.Array, heights: list[int | None],
+                widths: list[int | None]) -> list[np.ndarray | None]:
+    """HxWx3 views into the pixel column's buffers (no copy)."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    views: list[np.ndarray | None] = []
+    for chunk in chunks:
+        _, offsets_buf, data_buf = chunk.buffers()
+        offsets = np.frombuffer(offsets_buf, np.int64)[chunk.offset:chunk.offset + len(chunk) + 1]
+        data = np.frombuffer(data_buf, np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+        valid = np.asarray(chunk.is_valid())
+        for j in range(len(chunk)):
+            i = len(views)
+            views.append(data[offsets[j]:offsets[j + 1]].reshape(heights[i], widths[i], 3) if valid[j] else None)
+    return views
+
+
+def _prepare_rows(batch: pa.Table, rules: validate.Rules, io_threads: int) -> pa.Table:
     rows = batch.to_pylist()
     verdicts: list[validate.Verdict | None] = [validate.check_row(row, rules) for row in rows]
     wanted = [i for i, (row, v) in enumerate(zip(rows, verdicts, strict=True))
               if v is None and row["image_uri"]]
-    images: dict[int, np.ndarray | None] = {}
+    images: list[np.ndarray | None] = [None] * len(rows)
     loaded = _io_pool(io_threads).map(lambda j: load_image(rows[j]["image_uri"], rules), wanted)
     for i, (image, verdict) in zip(wanted, loaded, strict=True):
         images[i], verdicts[i] = image, verdict
-    out: dict[str, list[Any]] = {name: [] for name in PREPARED_SCHEMA.names}
-    for i, (row, verdict) in enumerate(zip(rows, verdicts, strict=True)):
-        image = images.get(i)
-        for name in ("sample_id", "split", "note", "image_uri", "label"):
-            out[name].append(row[name])
-        out["pixels"].append(image.tobytes() if image is not None else None)
-        out["height"].append(image.shape[0] if image is not None else None)
-        out["width"].append(image.shape[1] if image is not None else None)
-        out["stage"].append(verdict.stage if verdict else None)
-        out["reason"].append(verdict.reason if verdict else None)
-        out["detail"].append(verdict.detail if verdict else None)
-    return pa.Table.from_pydict(out, schema=PREPARED_SCHEMA)
+    return pa.table({
+        **{name: batch.column(name) for name in ("sample_id", "split", "note", "image_uri", "label")},
+        "pixels": pixel_column(images),
+        "height": pa.array([None if im is None else im.shape[0] for im in images], pa.int32()),
+        "width": pa.array([None if im is None else im.shape[1] for im in images], pa.int32()),
+        **{name: pa.array([getattr(v, name) if v else None for v in verdicts], _TEXT)
+           for name in ("stage", "reason", "detail")},
+    }, schema=PREPARED_SCHEMA)
+
+
+def prepare(batch: pa.Table, rules: validate.Rules, io_threads: int, batch_rows: int,
+            block_bytes: int) -> Iterator[pa.Table]:
+    """Check rows, fetch and decode images (threads overlap the fetches), a teacher batch at a
+    time. Yields blocks of whole teacher batches that hold about ``block_bytes`` of pixels:
+    large images make small blocks, so they never crowd the object store."""
+    pending: list[pa.Table] = []
+    size = 0
+    for start in range(0, batch.num_rows, batch_rows):
+        part = _prepare_rows(batch.slice(start, batch_rows), rules, io_threads)
+        pending.append(part)
+        size += part.column("pixels").nbytes
+        if size >= block_bytes:
+            yield pa.concat_tables(pending)
+            pending, size = [], 0
+    if pending:
+        yield pa.concat_tables(pending)
 
 
 # ---------------------------------------------------------------- 3. score
@@ -465,10 +508,10 @@ class TeacherScorer:
 
         n, n_labels = batch.num_rows, len(self.teacher.labels)
         usable = np.flatnonzero(np.asarray(batch.column("reason").is_null()))
-        notes, pixels = batch.column("note").to_pylist(), batch.column("pixels").to_pylist()
-        heights, widths = batch.column("height").to_pylist(), batch.column("width").to_pylist()
-        cases = [Case(note=notes[i], image=None if pixels[i] is None else np.frombuffer(
-            pixels[i], np.uint8).reshape(heights[i], widths[i], 3)) for i in usable]
+        notes = batch.column("note").to_pylist()
+        images = image_views(batch.column("pixels"), batch.column("height").to_pylist(),
+                             batch.column("width").to_pylist())
+        cases = [Case(note=notes[i], image=images[i]) for i in usable]
         values = np.zeros((n, n_labels), np.float32)
         scored = np.zeros(n, bool)
         verdicts = {name: batch.column(name).to_pylist() for name in ("stage", "reason", "detail")}
@@ -695,7 +738,9 @@ def build_dataset(cfg: Config, rules: validate.Rules, teacher: TeacherInfo, plan
     # big block), so decode tasks, and then the actors, get many inputs to share.
     ds = ds.repartition(target_num_rows_per_block=cfg.block_rows)
     ds = ds.map_batches(prepare, batch_size=cfg.block_rows, batch_format="pyarrow",
-                        num_cpus=cfg.decode_num_cpus, fn_kwargs={"rules": rules, "io_threads": cfg.io_threads})
+                        num_cpus=cfg.decode_num_cpus,
+                        fn_kwargs={"rules": rules, "io_threads": cfg.io_threads, "batch_rows": t.batch_size,
+                                   "block_bytes": cfg.block_bytes})
     ds = ds.map_batches(TeacherScorer, batch_size=t.batch_size, batch_format="pyarrow",
                         compute=ActorPoolStrategy(size=t.num_actors),
                         num_cpus=t.num_cpus_per_actor, num_gpus=t.num_gpus_per_actor,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from mint_ray import storage, tracking
@@ -40,19 +41,14 @@ def preflight(cfg: Config) -> storage.Manifest:
 
 def check_model(cfg: Config, base_uri: str) -> None:
     """Config checks that need the student's module tree (built on the meta device: no weights)."""
-    if cfg.model.lora.enabled:
-        students.lora_target_modules(students.meta_model(_config_dir(base_uri), cfg.model.kind),
-                                     cfg.model.lora, cfg.model.kind)
-
-
-def _config_dir(path: str) -> str:
-    """A local dir with the model's config.json (fetched alone from S3)."""
-    if not storage.is_s3(path):
-        return path
-    tmp = tempfile.mkdtemp(prefix="mint-config-")
-    with open(f"{tmp}/config.json", "wb") as f:
-        f.write(storage.read_bytes(storage.join(path, "config.json")))
-    return tmp
+    if not cfg.model.lora.enabled:
+        return
+    with tempfile.TemporaryDirectory(prefix="mint-config-") as tmp:
+        config_dir = base_uri
+        if storage.is_s3(base_uri):  # fetch config.json alone
+            config_dir = tmp
+            Path(tmp, "config.json").write_bytes(storage.read_bytes(storage.join(base_uri, "config.json")))
+        students.lora_target_modules(students.meta_model(config_dir, cfg.model.kind), cfg.model.lora, cfg.model.kind)
 
 
 def build_tiny_base(cfg: Config, out_uri: str) -> str:
