@@ -62,8 +62,7 @@ def _steps(task: str, root: str, quick: bool) -> list[Step]:
         Step("compare", "mint_ray.evaluation.compare", f"compare_{task}.yaml",
              (*common, f"data_uri={pairs}", f"output_uri={storage.join(root, 'comparisons', task)}",
               f"train.registry={{enabled: true, name: mint-{task}}}",
-              *(["max_cases=20", "train.optim.max_steps=3"] if quick else
-                ["max_cases=40", "train.optim.max_steps=40"]))),
+              *(["max_cases=20", "train.optim.max_steps=3"] if quick else ["max_cases=40"]))),
     ]
 
 
