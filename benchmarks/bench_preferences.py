@@ -160,12 +160,12 @@ def teacher_alone(teacher_uri: str, cohort: str, rows: int, batch_size: int) -> 
     return len(cases) / (time.perf_counter() - start), 1000 * (time.process_time() - cpu) / len(cases)
 
 
-def start_local_ray(num_cpus: int) -> None:
+def start_local_ray(num_cpus: int, object_store_mib: int) -> None:
     """A fresh in-process cluster. ``address="local"``: a bare ``ray.init()`` joins any Ray
     another user started on this machine (and then refuses ``num_cpus``)."""
     import ray
 
-    ray.init(address="local", num_cpus=num_cpus, object_store_memory=512 * 2**20,
+    ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_mib * 2**20,
              include_dashboard=False, runtime_env={"env_vars": worker_env()})
 
 
@@ -194,6 +194,7 @@ def main() -> None:
     parser.add_argument("--teacher-image", type=int, default=64)
     parser.add_argument("--teacher-patch", type=int, default=8)
     parser.add_argument("--logical-cpus", type=int, default=4)
+    parser.add_argument("--object-store-mib", type=int, default=512)
     parser.add_argument("--work", default="/tmp/mint-bench-preferences")
     args = parser.parse_args()
     work = Path(args.work)
@@ -203,7 +204,7 @@ def main() -> None:
     first, warm = sizes[0], 4 * args.batch_size
     cohorts = {n: make_cohort(work, args.unique, n, args.image_size) for n in {warm, *sizes}}
     alone, alone_cpu = teacher_alone(teacher_uri, cohorts[first], min(first, 3000), args.batch_size)
-    start_local_ray(args.logical_cpus)
+    start_local_ray(args.logical_cpus, args.object_store_mib)
     run_pipeline(work, cohorts[warm], teacher_uri, 2, args)  # starts Ray's worker processes
     runs = {(n, actors): run_pipeline(work, cohorts[n], teacher_uri, actors, args)
             for n in sizes for actors in (1, 2)}
