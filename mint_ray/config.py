@@ -45,6 +45,8 @@ class RayConfig(StrictModel):
 
     address: str | None = None
     num_cpus: int | None = None
+    # In-process clusters only. Raise it for large images: with 224 px tiles the preference
+    # pipeline's actors wait on backpressure at 512 (benchmarks/results/preferences.md).
     object_store_memory_mb: int = 512
 
 
