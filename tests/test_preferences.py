@@ -319,6 +319,23 @@ def test_decoded_blocks_hold_whole_batches_and_about_block_bytes(tmp_path: Path)
     assert all(np.array_equal(images[i], pictures[i]) for i in range(10) if i != 3)
 
 
+def test_the_teacher_pool_gets_blocks_of_about_block_bytes(tmp_path: Path) -> None:
+    """Ray Data merges a task's outputs up to its own 128 MiB unless told otherwise; the
+    pool would then get one big work unit and leave the second actor idle. With
+    ``rows_per_file=1`` every block that reached the pool becomes its own file."""
+    import pyarrow.parquet as pq
+
+    root = str(tmp_path)
+    cohort = _synth(root, "tissue_type", 24)
+    teacher = _teacher(root, "tissue_type", list(TISSUE_TYPES), [])
+    # 32x32 RGB = 3072 bytes a row: batches of 4 rows, so 2 batches pass 20 000 bytes.
+    s = run(_cfg(task="tissue_type", cohort_uri=cohort, block_rows=24, block_bytes=20_000, rows_per_file=1,
+                 teacher={"uri": teacher, "batch_size": 4, "num_actors": 2}, storage={"root": root}))
+    files = storage.read_manifest(s["output_uri"]).files
+    sizes = sorted(pq.read_metadata(f).num_rows for f in files)
+    assert (s["rows_in"], sizes) == (24, [8, 8, 8])
+
+
 def test_a_failing_row_costs_only_itself() -> None:
     scorer = TeacherScorer.__new__(TeacherScorer)
     scorer.teacher = _FlakyTeacher()  # type: ignore[assignment]

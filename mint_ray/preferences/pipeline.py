@@ -152,7 +152,8 @@ class Config(StrictModel):
     io_threads: int = Field(16, ge=1, description="image fetches in flight per decode task")
     block_rows: int = Field(1024, ge=1, description="cohort rows per read block (one decode task)")
     block_bytes: int = Field(16 * 2**20, gt=0, description=(
-        "decoded pixels per block sent to the teacher: blocks of large images hold fewer rows"))
+        "decoded pixels per block sent to the teacher, and Ray Data's block size target for the "
+        "run: blocks of large images hold fewer rows, so the actors share the work evenly"))
     rows_per_file: int = Field(10_000, ge=1)
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -738,6 +739,10 @@ def build_dataset(cfg: Config, rules: validate.Rules, teacher: TeacherInfo, plan
     t = cfg.teacher
     threads = None if t.num_gpus_per_actor else max(1, int(t.num_cpus_per_actor))
     ds = ray.data.from_items([{"uri": cfg.cohort_uri}])
+    # Ray Data merges a task's outputs up to its own target (128 MiB): blocks of large
+    # images would reach the pool as a few huge work units, one actor busy and the other
+    # idle, and crowd the object store. This dataset's context only, not the process's.
+    ds.context.target_max_block_size = cfg.block_bytes
     ds = ds.map_batches(read_cohort, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
                         fn_kwargs={"chunk_rows": cfg.block_rows})
     # Blocks of block_rows (Ray Data would otherwise merge the reader's chunks into one
