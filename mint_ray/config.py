@@ -45,8 +45,8 @@ class RayConfig(StrictModel):
 
     address: str | None = None
     num_cpus: int | None = None
-    # In-process clusters only. Raise it for large images: with 224 px tiles the preference
-    # pipeline's actors wait on backpressure at 512 (benchmarks/results/preferences.md).
+    # In-process clusters only. The preference pipeline keeps its blocks near block_bytes
+    # (16 MiB), so 512 holds a few blocks per operator even with 224 px tiles.
     object_store_memory_mb: int = 512
 
 
