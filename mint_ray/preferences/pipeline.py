@@ -456,11 +456,12 @@ def _prepare_rows(batch: pa.Table, rules: validate.Rules, io_threads: int) -> pa
     # Threads only fetch (S3 GETs wait on the network, without the GIL), one slice of rows
     # each; decoding holds the GIL, so it runs here: spread over the threads it cost 3x the
     # CPU in lock contention.
+    def fetch_slice(indices: list[int]) -> list[tuple[bytes | None, validate.Verdict | None]]:
+        return [fetch_image(rows[j]["image_uri"], rules) for j in indices]
+
     step = max(1, math.ceil(len(wanted) / io_threads))
     slices = [wanted[i:i + step] for i in range(0, len(wanted), step)]
-    fetched = [result for part in _io_pool(io_threads).map(
-        lambda rows_slice: [fetch_image(rows[j]["image_uri"], rules) for j in rows_slice], slices)
-        for result in part]
+    fetched = [result for part in _io_pool(io_threads).map(fetch_slice, slices) for result in part]
     for i, (data, verdict) in zip(wanted, fetched, strict=True):
         images[i], verdicts[i] = validate.decode_checked(data, rules) if data is not None else (None, verdict)
     return pa.table({
