@@ -3,6 +3,11 @@ actors at each size, and streaming at two cohort sizes. Prints figures, asserts 
 
     .venv/bin/python benchmarks/bench_preferences.py                  # 10k and 100k cases
     .venv/bin/python benchmarks/bench_preferences.py --sizes 2000     # a quick look
+    # a teacher that costs more than the pipeline around it (6 ms/row), 10k and 100k:
+    .venv/bin/python benchmarks/bench_preferences.py --teacher-hidden 256
+    # PLIP's size and cost (CLIP ViT-B/32 on 224 px tiles, ~95 ms/row):
+    .venv/bin/python benchmarks/bench_preferences.py --sizes 10000 --unique 2000 --image-size 224 \
+        --teacher-image 224 --teacher-patch 32 --teacher-hidden 768 --teacher-layers 12 --object-store-mib 2048
 
 The cohort: ``mint-ray data synth`` renders ``--unique`` tissue tiles (32x32 PNG); larger
 cohorts repeat those rows under new sample ids, so every row is still fetched, decoded,
