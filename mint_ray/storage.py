@@ -159,6 +159,17 @@ def read_bytes(uri: str) -> bytes:
         raise _explain(uri, err) from None
 
 
+def delete_file(uri: str) -> None:
+    """Remove one file; a file already gone is fine."""
+    fs, path = filesystem(uri)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        raise _explain(uri, err) from None
+
+
 def delete_tree(uri: str) -> None:
     fs, path = filesystem(uri)
     try:

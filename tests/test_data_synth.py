@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import subprocess
@@ -70,8 +71,8 @@ def test_rare_disease_cohort_follows_the_samples_contract(rd_cohort) -> None:
         assert row["task"] == "rare_disease" and row["label"] in catalog
         assert meta["label_id"] == catalog[row["label"]]
         assert {"sex", "age_months", "ethnicity", "hpo_ids", "generator"} <= set(meta)
-        assert row["image_uri"] == storage.join(cfg.output(), manifest.version, "images",
-                                                f"{row['sample_id']}.png")
+        digest = hashlib.sha256(storage.read_bytes(row["image_uri"])).hexdigest()
+        assert row["image_uri"] == storage.join(cfg.output(), "images", f"{digest}.png")
         styles.add(meta["note_style"])
         if meta["note_style"] == "gestalt":
             assert row["note"].startswith(f"Sex {meta['sex']} Age {meta['age']} Ethnicity ")
@@ -263,11 +264,16 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, capsys, args: 
     assert not out.exists() or not any(out.rglob("*"))
 
 
+def image_files(uri: str) -> set[str]:
+    return set(storage.list_files(storage.join(uri, synth.IMAGES_DIR)))
+
+
 def test_existing_output_is_refused_then_replaced_with_overwrite(tmp_path: Path, capsys) -> None:
     out = str(tmp_path / "tt")
     common = ["--task", "tissue_type", "--out", out, "--n-samples", "40", "--image-size", "24"]
     assert cli(capsys, *common)[0] == 0
     first = storage.read_manifest(out)
+    first_images = storage.read_dataset(out)["image_uri"].to_pylist()
     code, err = cli(capsys, *common, "--seed", "3")
     assert code == 2 and len(err.splitlines()) == 1 and "--overwrite" in err
     assert storage.read_manifest(out) == first and [d.name for d in version_dirs(out)] == [
@@ -276,11 +282,26 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(tmp_path: Path,
     second = storage.read_manifest(out)
     assert second.version != first.version and second.meta["seed"] == 3
     assert [d.name for d in version_dirs(out)] == [second.version]
+    # Tables built from the first version (preference sets, evaluations) keep their images.
+    second_images = storage.read_dataset(out)["image_uri"].to_pylist()
+    assert image_files(out) == set(first_images) | set(second_images)
+    assert all(images.decode_png(storage.read_bytes(u)).shape == (24, 24, 3) for u in first_images)
+
+
+def test_rerun_with_the_same_seed_uploads_no_image_again(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, task="tissue_type", sizes={"n_samples": 40})
+    synth.run(cfg)
+    before = {u: Path(u).stat().st_mtime_ns for u in image_files(cfg.output())}
+    synth.run(cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"overwrite": True})}))
+    assert {u: Path(u).stat().st_mtime_ns for u in image_files(cfg.output())} == before
+    assert set(storage.read_dataset(cfg.output())["image_uri"].to_pylist()) == set(before)
 
 
 def test_failure_mid_generation_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
     from mint_ray.data import tissue_type
 
+    kept = make_cfg(tmp_path, task="tissue_type", sizes={"n_samples": 20}, output_uri=str(tmp_path / "kept"))
+    synth.run(kept)
     real_case = tissue_type.TissueTypeGenerator.case
     calls = Counter()
 
@@ -291,11 +312,18 @@ def test_failure_mid_generation_leaves_nothing(tmp_path: Path, monkeypatch) -> N
         return real_case(self, label_index, rng)
 
     monkeypatch.setattr(tissue_type.TissueTypeGenerator, "case", flaky)
-    cfg = make_cfg(tmp_path, task="tissue_type", sizes={"n_samples": 40})
-    with pytest.raises(MintError, match="boom"):
-        synth.run(cfg)
-    assert storage.read_manifest(cfg.output()) is None
-    assert version_dirs(cfg.output()) == []
+    for cfg in (make_cfg(tmp_path, task="tissue_type", sizes={"n_samples": 40}),
+                kept.model_copy(update={"seed": 5, "sizes": synth.Sizes(n_samples=40),
+                                        "storage": kept.storage.model_copy(update={"overwrite": True})})):
+        calls.clear()
+        before = image_files(cfg.output())
+        manifest = storage.read_manifest(cfg.output())
+        with pytest.raises(MintError, match="boom"):
+            synth.run(cfg)
+        assert storage.read_manifest(cfg.output()) == manifest
+        assert version_dirs(cfg.output()) == ([] if manifest is None else [Path(cfg.output()) / manifest.version])
+        assert image_files(cfg.output()) == before  # the images it had added are gone, the others stay
+    assert len(before) == 20
 
 
 def test_impossible_disease_count_is_a_config_error(tmp_path: Path) -> None:
@@ -367,5 +395,5 @@ def test_cohort_on_s3_reads_back_with_ray_data(s3_bucket: str, tmp_path: Path) -
     finally:
         if started:
             ray.shutdown()
-    assert row["image_uri"].startswith(f"{uri}/{manifest.version}/images/")
+    assert row["image_uri"].startswith(f"{uri}/images/")
     assert images.decode_png(storage.read_bytes(row["image_uri"])).shape == (32, 32, 3)

@@ -6,14 +6,22 @@ Labels are spread evenly over the cases and each label is split over
 train/validation/test in the configured proportions. Every case has its own
 random stream (seed, case index), so a case does not change when others are
 added, and the same seed gives the same notes, labels, splits and image bytes.
-Images go to ``<version>/images/<sample_id>.png`` beside the Parquet table;
-the dataset is published by ``storage.commit`` only when everything is written.
+The table is published by ``storage.commit`` only when everything is written.
+
+Images go to ``<out>/images/<sha256>.png``, named by their content and kept outside the
+version folders: a commit deletes older versions, and preference sets or evaluations
+built from an older version still point at its images. A re-run with the same seed
+finds its images already there and uploads nothing; a failed run removes the images it
+added. Overwriting with other content leaves the older images in place, for the tables
+that use them: delete ``<out>/images`` with the cohort once nothing refers to it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -55,6 +63,7 @@ STREAM_CASES = 3
 # Image uploads in flight: S3 PUTs are latency-bound, so a few threads overlap them.
 IO_THREADS = 8
 MAX_PENDING = 256
+IMAGES_DIR = "images"
 
 
 class SplitFractions(StrictModel):
@@ -171,36 +180,59 @@ def sample_ids(task: str, n: int) -> list[str]:
     return [f"{task}-{i:0{width}d}" for i in range(n)]
 
 
-def _write_png(uri: str, pixels: np.ndarray) -> None:
-    storage.write_bytes(uri, images.encode_png(pixels))
+class ImageFolder:
+    """The cohort's content-addressed images: what was there before this run, and what it added."""
+
+    def __init__(self, uri: str) -> None:
+        self.folder = storage.join(uri, IMAGES_DIR)
+        self._present = set(storage.list_files(self.folder))
+        self._added: list[str] = []
+        self._lock = threading.Lock()
+
+    def put(self, pixels: np.ndarray) -> str:
+        """Encode and upload one image unless the same bytes are there; returns its URI.
+        Runs on the upload threads."""
+        data = images.encode_png(pixels)
+        uri = storage.join(self.folder, f"{hashlib.sha256(data).hexdigest()}.png")
+        with self._lock:
+            if uri in self._present:
+                return uri
+            self._present.add(uri)
+            self._added.append(uri)  # before the upload: a failed run removes partial files too
+        storage.write_bytes(uri, data)
+        return uri
+
+    def remove_added(self) -> None:
+        for uri in self._added:
+            storage.delete_file(uri)
 
 
-def write_cases(cfg: Config, generator: Generator, version: str, clock: _Clock,
+def write_cases(cfg: Config, generator: Generator, folder: ImageFolder, clock: _Clock,
                 labels: list[int], split_names: list[str]) -> list[dict[str, Any]]:
     """Render every case and upload its image; returns the table rows in case order."""
     n = len(labels)
-    rows = []
+    rows: list[dict[str, Any]] = []
     report_every = max(1, n // 4)
-    pending: deque[Future[None]] = deque()
+    pending: deque[tuple[dict[str, Any], Future[str]]] = deque()
     with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
         for i, (sample_id, label, split) in enumerate(
                 zip(sample_ids(cfg.task, n), labels, split_names, strict=True)):
             case = generator.case(label, np.random.default_rng([cfg.seed, STREAM_CASES, i]))
-            image_uri = storage.join(version, "images", f"{sample_id}.png")
-            pending.append(pool.submit(_write_png, image_uri, case.image))
-            while len(pending) > MAX_PENDING:
-                pending.popleft().result()
             rows.append({"sample_id": sample_id, "task": cfg.task, "split": split,
-                         "note": case.note, "image_uri": image_uri, "label": case.label.name,
+                         "note": case.note, "image_uri": None, "label": case.label.name,
                          "meta": json.dumps(case.meta, sort_keys=True, separators=(",", ":"))})
+            pending.append((rows[-1], pool.submit(folder.put, case.image)))
+            while len(pending) > MAX_PENDING:
+                row, upload = pending.popleft()
+                row["image_uri"] = upload.result()
             if (i + 1) % report_every == 0 or i + 1 == n:
                 clock.phase(f"rendered {i + 1}/{n} cases")
-        for future in pending:
-            future.result()
+        for row, upload in pending:
+            row["image_uri"] = upload.result()
     return rows
 
 
-def _generate(cfg: Config, uri: str, version: str,
+def _generate(cfg: Config, uri: str, version: str, folder: ImageFolder,
               clock: _Clock) -> tuple[storage.Manifest, dict[str, int]]:
     """Pick labels, plan, render and upload, write the table, publish."""
     generator = make_generator(cfg)
@@ -210,7 +242,7 @@ def _generate(cfg: Config, uri: str, version: str,
     labels, split_names = plan_cases(len(catalog), totals, cfg.seed)
     counts = dict(zip(splits.SPLITS, totals, strict=True))
     clock.phase(f"planned {sum(totals)} cases {counts}")
-    rows = write_cases(cfg, generator, version, clock, labels, split_names)
+    rows = write_cases(cfg, generator, folder, clock, labels, split_names)
     storage.write_table(version, pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA))
     clock.phase("wrote the samples table")
     meta = {"task": cfg.task, "seed": cfg.seed, "image_size": cfg.image_size,
@@ -230,10 +262,12 @@ def run(cfg: Config) -> dict[str, Any]:
     clock.phase(f"writing to {uri}")
     with tracking.stage_run(cfg.tracking, "data.synth", cfg, cfg.storage.root,
                             tags={"mint.task": cfg.task}) as tracked:
+        folder = ImageFolder(uri)
         try:
-            manifest, counts = _generate(cfg, uri, version, clock)
+            manifest, counts = _generate(cfg, uri, version, folder, clock)
         except BaseException:
             storage.abort(version)
+            folder.remove_added()
             raise
         tracked.log_metrics({"rows": manifest.num_rows, "seconds": clock.elapsed,
                              **{f"rows_{split}": count for split, count in counts.items()}})
