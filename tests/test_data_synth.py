@@ -297,21 +297,27 @@ def test_rerun_with_the_same_seed_uploads_no_image_again(tmp_path: Path) -> None
     assert set(storage.read_dataset(cfg.output())["image_uri"].to_pylist()) == set(before)
 
 
-def test_failure_mid_generation_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+def fail_after(monkeypatch: pytest.MonkeyPatch, cases: int) -> Counter[str]:
+    """Make tissue-tile rendering raise after ``cases`` cases; clear the counter to re-arm."""
     from mint_ray.data import tissue_type
 
-    kept = make_cfg(tmp_path, task="tissue_type", sizes={"n_samples": 20}, output_uri=str(tmp_path / "kept"))
-    synth.run(kept)
     real_case = tissue_type.TissueTypeGenerator.case
-    calls = Counter()
+    calls: Counter[str] = Counter()
 
     def flaky(self, label_index: int, rng: np.random.Generator):
         calls["n"] += 1
-        if calls["n"] > 20:
+        if calls["n"] > cases:
             raise MintError("boom")
         return real_case(self, label_index, rng)
 
     monkeypatch.setattr(tissue_type.TissueTypeGenerator, "case", flaky)
+    return calls
+
+
+def test_failure_mid_generation_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+    kept = make_cfg(tmp_path, task="tissue_type", sizes={"n_samples": 20}, output_uri=str(tmp_path / "kept"))
+    synth.run(kept)
+    calls = fail_after(monkeypatch, 20)
     for cfg in (make_cfg(tmp_path, task="tissue_type", sizes={"n_samples": 40}),
                 kept.model_copy(update={"seed": 5, "sizes": synth.Sizes(n_samples=40),
                                         "storage": kept.storage.model_copy(update={"overwrite": True})})):
@@ -397,3 +403,22 @@ def test_cohort_on_s3_reads_back_with_ray_data(s3_bucket: str, tmp_path: Path) -
             ray.shutdown()
     assert row["image_uri"].startswith(f"{uri}/images/")
     assert images.decode_png(storage.read_bytes(row["image_uri"])).shape == (32, 32, 3)
+
+
+def test_s3_cohort_keeps_its_images_through_a_failed_and_a_real_overwrite(
+        s3_bucket: str, tmp_path: Path, monkeypatch) -> None:
+    uri = f"{s3_bucket}/cohorts/kept"
+    cfg = make_cfg(tmp_path, task="tissue_type", output_uri=uri, sizes={"n_samples": 30})
+    synth.run(cfg)
+    first = storage.read_dataset(uri)["image_uri"].to_pylist()
+    assert image_files(uri) == set(first) and all(u.startswith(f"{uri}/images/") for u in first)
+    again = cfg.model_copy(update={"seed": 9, "storage": cfg.storage.model_copy(update={"overwrite": True})})
+    calls = fail_after(monkeypatch, 25)
+    with pytest.raises(MintError, match="boom"):
+        synth.run(again)
+    assert image_files(uri) == set(first)
+    monkeypatch.undo()
+    synth.run(again)
+    second = storage.read_dataset(uri)["image_uri"].to_pylist()
+    assert calls["n"] == 26 and image_files(uri) == set(first) | set(second)
+    assert all(images.decode_png(storage.read_bytes(u)).shape == (32, 32, 3) for u in first)
