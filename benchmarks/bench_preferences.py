@@ -4,7 +4,7 @@ actors at each size, and streaming at two cohort sizes. Prints figures, asserts 
     .venv/bin/python benchmarks/bench_preferences.py                  # 10k and 100k cases
     .venv/bin/python benchmarks/bench_preferences.py --sizes 2000     # a quick look
     # a teacher that costs more than the pipeline around it (6 ms/row), 10k and 100k:
-    .venv/bin/python benchmarks/bench_preferences.py --teacher-hidden 256
+    .venv/bin/python benchmarks/bench_preferences.py --teacher-hidden 256 --plot /tmp/preferences.png
     # PLIP's size and cost (CLIP ViT-B/32 on 224 px tiles, ~95 ms/row):
     .venv/bin/python benchmarks/bench_preferences.py --sizes 10000 --unique 2000 --image-size 224 \
         --teacher-image 224 --teacher-patch 32 --teacher-hidden 768 --teacher-layers 12 --object-store-mib 2048
@@ -188,6 +188,33 @@ def run_pipeline(work: Path, cohort: str, teacher_uri: str, actors: int,
             "cpu_actor": tree.cpu_seconds(actors=True), "cpu_rest": tree.cpu_seconds(actors=False)}
 
 
+def plot(runs: dict[tuple[int, int], dict[str, Any]], alone: float, title: str, path: str) -> None:
+    """Steady rows/s per cohort size, 1 and 2 actors, against the teacher alone."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    sizes = sorted({n for n, _ in runs})
+    fig = Figure(figsize=(2.5 + 1.6 * len(sizes), 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    x = np.arange(len(sizes))
+    for offset, actors in ((-0.2, 1), (0.2, 2)):
+        rates = [runs[n, actors]["steady_rows_per_s"] for n in sizes]
+        ax.bar(x + offset, rates, 0.4, label=f"{actors} actor{'s' * (actors > 1)}")
+        if actors == 2:
+            for xi, n, rate in zip(x + offset, sizes, rates, strict=True):
+                ax.text(xi, rate, f"x{rate / runs[n, 1]['steady_rows_per_s']:.2f}", ha="center",
+                        va="bottom", fontsize=8)
+    ax.axhline(alone, color="grey", linestyle="--", label="teacher alone")
+    ax.set_xticks(x, [f"{n:,} cases" for n in sizes])
+    ax.set_ylabel("rows/s while the teacher streams")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
@@ -201,6 +228,7 @@ def main() -> None:
     parser.add_argument("--logical-cpus", type=int, default=4)
     parser.add_argument("--object-store-mib", type=int, default=512)
     parser.add_argument("--work", default="/tmp/mint-bench-preferences")
+    parser.add_argument("--plot", help="write a PNG of the steady rates here")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -214,9 +242,10 @@ def main() -> None:
     runs = {(n, actors): run_pipeline(work, cohorts[n], teacher_uri, actors, args)
             for n in sizes for actors in (1, 2)}
 
-    print(f"\nteacher: CLIP hidden {args.teacher_hidden}, {args.teacher_layers} layers, {args.teacher_image}px "
-          f"input, patch {args.teacher_patch}; tiles {args.image_size}px; batch {args.batch_size}; "
-          f"{psutil.cpu_count()} cores, {args.logical_cpus} logical CPUs")
+    setup = (f"teacher: CLIP hidden {args.teacher_hidden}, {args.teacher_layers} layers, {args.teacher_image}px "
+             f"input, patch {args.teacher_patch}; tiles {args.image_size}px; batch {args.batch_size}; "
+             f"{psutil.cpu_count()} cores, {args.logical_cpus} logical CPUs")
+    print(f"\n{setup}")
     print(f"teacher alone, 1 thread, no I/O: {alone:.0f} rows/s measured, {alone_cpu:.2f} CPU-ms/row\n")
     print("| cases | actors | load avg | seconds | start-up s | rows/s end to end | rows/s steady | "
           "CPU-ms/row actors | CPU-ms/row rest | peak PSS MiB |")
@@ -243,6 +272,8 @@ def main() -> None:
               f"(teacher alone {alone_cpu:.2f}), everything else {rest_ms:.2f} ms")
         print(f"projected on 2 dedicated cores: teacher alone {pa_:.0f} rows/s, pipeline 1 actor "
               f"{p1:.0f} ({p1 / pa_:.2f}x), 2 actors {p2:.0f} (x{p2 / p1:.2f} of 1 actor)")
+    if args.plot:
+        plot(runs, alone, setup.replace("; tiles", "\ntiles", 1), args.plot)
 
 
 if __name__ == "__main__":
