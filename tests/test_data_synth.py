@@ -268,6 +268,11 @@ def image_files(uri: str) -> set[str]:
     return set(storage.list_files(storage.join(uri, synth.IMAGES_DIR)))
 
 
+def overwriting(cfg: synth.Config, **changes: Any) -> synth.Config:
+    """``cfg`` with ``changes``, allowed to replace the cohort already at its output."""
+    return cfg.model_copy(update={**changes, "storage": cfg.storage.model_copy(update={"overwrite": True})})
+
+
 def test_existing_output_is_refused_then_replaced_with_overwrite(tmp_path: Path, capsys) -> None:
     out = str(tmp_path / "tt")
     common = ["--task", "tissue_type", "--out", out, "--n-samples", "40", "--image-size", "24"]
@@ -292,7 +297,7 @@ def test_rerun_with_the_same_seed_uploads_no_image_again(tmp_path: Path) -> None
     cfg = make_cfg(tmp_path, task="tissue_type", sizes={"n_samples": 40})
     synth.run(cfg)
     before = {u: Path(u).stat().st_mtime_ns for u in image_files(cfg.output())}
-    synth.run(cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"overwrite": True})}))
+    synth.run(overwriting(cfg))
     assert {u: Path(u).stat().st_mtime_ns for u in image_files(cfg.output())} == before
     assert set(storage.read_dataset(cfg.output())["image_uri"].to_pylist()) == set(before)
 
@@ -319,8 +324,7 @@ def test_failure_mid_generation_leaves_nothing(tmp_path: Path, monkeypatch) -> N
     synth.run(kept)
     calls = fail_after(monkeypatch, 20)
     for cfg in (make_cfg(tmp_path, task="tissue_type", sizes={"n_samples": 40}),
-                kept.model_copy(update={"seed": 5, "sizes": synth.Sizes(n_samples=40),
-                                        "storage": kept.storage.model_copy(update={"overwrite": True})})):
+                overwriting(kept, seed=5, sizes=synth.Sizes(n_samples=40))):
         calls.clear()
         before = image_files(cfg.output())
         manifest = storage.read_manifest(cfg.output())
@@ -412,7 +416,7 @@ def test_s3_cohort_keeps_its_images_through_a_failed_and_a_real_overwrite(
     synth.run(cfg)
     first = storage.read_dataset(uri)["image_uri"].to_pylist()
     assert image_files(uri) == set(first) and all(u.startswith(f"{uri}/images/") for u in first)
-    again = cfg.model_copy(update={"seed": 9, "storage": cfg.storage.model_copy(update={"overwrite": True})})
+    again = overwriting(cfg, seed=9)
     calls = fail_after(monkeypatch, 25)
     with pytest.raises(MintError, match="boom"):
         synth.run(again)
