@@ -20,7 +20,7 @@ PIP_LOG := .venv/pip.log
 
 # DeepSpeed JIT-compiles its CPU comm op (and CPU Adam) on first use: build once.
 .local/.ds_ops: .venv/.installed
-	DS_ACCELERATOR=cpu $(PY) -m mint_ray.prebuild_ops
+	DS_ACCELERATOR=cpu $(PY) -m tools.prebuild_ops
 	mkdir -p .local && touch $@
 
 demo: .venv/.installed .local/.ds_ops

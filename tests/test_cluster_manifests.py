@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from mint_ray import validate_manifests as vm
+from tools import validate_manifests as vm
 
 # Ray Serve's schema module emits pydantic deprecation warnings on import.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -63,7 +63,7 @@ def test_schema_copies_match_the_shared_crds(tmp_path: Path) -> None:
     for kind in vm.CRD_FILES:
         name = f"{kind.lower()}.json"
         assert (tmp_path / name).read_text() == (vm.SCHEMA_DIR / name).read_text(), (
-            f"cluster/schemas/{name} is stale: python -m mint_ray.validate_manifests "
+            f"cluster/schemas/{name} is stale: python -m tools.validate_manifests "
             f"--refresh-crds {SHARED_CRDS}")
 
 

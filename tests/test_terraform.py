@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from mint_ray import validate_manifests as vm
+from tools import validate_manifests as vm
 
 TF_DIR = vm.TERRAFORM
 TF_FILES = sorted(TF_DIR.glob("*.tf"))

@@ -1,7 +1,7 @@
 """Offline checks for ``cluster/`` and ``infra/terraform/``: no cluster, no cloud calls.
 
-    python -m mint_ray.validate_manifests            # everything; exit 1 on a problem
-    python -m mint_ray.validate_manifests --refresh-crds ../shared/schemas/kuberay
+    python -m tools.validate_manifests            # everything; exit 1 on a problem
+    python -m tools.validate_manifests --refresh-crds ../shared/schemas/kuberay
 
 Every check returns a list of problems (empty when clean), so the tests can plant
 a mistake in a copy and assert that the same check reports it.
