@@ -8,7 +8,7 @@ tokenizes ``messages``, the evaluator and the server read answers back with
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 # "1. 'Name'", "1) Name", "**1.** Name", "- 1: Name" ...
@@ -48,9 +48,6 @@ class Task:
     instruction: str
     quote_items: bool
     labels: tuple[str, ...] = field(default_factory=tuple)
-
-    def with_labels(self, labels: list[str] | tuple[str, ...]) -> Task:
-        return replace(self, labels=tuple(labels))
 
     # ---- prompt -----------------------------------------------------------
     def user_text(self, note: str | None = None, candidates: list[str] | None = None,
