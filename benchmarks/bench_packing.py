@@ -21,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from mint_ray.losses import orpo_loss
 from mint_ray.tasks import RARE_DISEASE
 from mint_ray.tokenizer import train_tokenizer
-from mint_ray.training.batching import BatchingConfig, PreferenceBatch, collate_pairs, encode_rows
+from mint_ray.training.batching import PairLengthConfig, PreferenceBatch, collate_pairs, encode_rows
 from mint_ray.training.logprobs import policy_logps
 
 TERMS = ["Seizures", "Hypotonia", "Global developmental delay", "Microcephaly", "Tall stature",
@@ -50,7 +50,7 @@ def make_batch(rng: random.Random) -> tuple[PreferenceBatch, int]:
     corpus = [RARE_DISEASE.system_prompt, RARE_DISEASE.instruction, *notes,
               *(RARE_DISEASE.format_answer(DISEASES[i:] + DISEASES[:i]) for i in range(20))]
     tok = train_tokenizer(corpus, vocab_size=1024)
-    cfg = BatchingConfig(max_prompt_length=PROMPT_TOKENS, max_length=PROMPT_TOKENS + 120)
+    cfg = PairLengthConfig(max_prompt_length=PROMPT_TOKENS, max_length=PROMPT_TOKENS + 120)
     pairs, stats = encode_rows(rows, tok, cfg)
     print(stats.summary())
     return collate_pairs(pairs, tok.pad_token_id), len(tok)

@@ -48,11 +48,11 @@ import pyarrow as pa
 from mint_ray import storage
 from mint_ray.config import build_config
 from mint_ray.data import synth
+from mint_ray.images import ImageLimits, decode_rgb
 from mint_ray.preferences import pipeline
 from mint_ray.ray_cluster import worker_env
 from mint_ray.tasks import TISSUE_TYPES
 from mint_ray.teachers import Case, load_teacher, save_teacher_dir
-from mint_ray.teachers.base import decode_image
 from mint_ray.teachers.clip import ClipSettings, build_tiny_clip
 
 ACTOR = "TeacherScorer"  # in the process title of the teacher actors
@@ -157,7 +157,7 @@ def teacher_alone(teacher_uri: str, cohort: str, rows: int, batch_size: int) -> 
     torch.set_num_threads(1)
     teacher = load_teacher(teacher_uri, device="cpu")
     uris = storage.read_dataset(cohort, columns=["image_uri"]).column("image_uri").to_pylist()[:rows]
-    cases = [Case(image=decode_image(storage.read_bytes(u))) for u in uris]
+    cases = [Case(image=decode_rgb(storage.read_bytes(u), ImageLimits())) for u in uris]
     teacher.score(cases[:batch_size])  # warm-up
     start, cpu = time.perf_counter(), time.process_time()
     for i in range(0, len(cases), batch_size):

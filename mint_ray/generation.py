@@ -6,14 +6,13 @@ Greedy decoding by default (reproducible); the paper's sampling settings are
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
-from mint_ray.registry import read_model_metadata
+from mint_ray.images import to_pil
+from mint_ray.model_folders import read_metadata
 
 SAMPLING_TEXT = {"do_sample": True, "temperature": 0.8, "top_p": 0.8, "top_k": 10,
                  "max_new_tokens": 512}
@@ -25,9 +24,9 @@ class Generator:
     """A loaded student (causal LM or Mllama) that answers chat prompts in batches."""
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
-        from mint_ray.training.students import load_student, load_tokenizer_and_processor
+        from mint_ray.students import load_student, load_tokenizer_and_processor
 
-        self.metadata = read_model_metadata(model_dir)
+        self.metadata = read_metadata(model_dir)
         self.kind = self.metadata.get("kind", "causal_lm")
         self.task = self.metadata.get("task")
         self.tokenizer, self.processor = load_tokenizer_and_processor(model_dir, self.kind)
@@ -42,7 +41,7 @@ class Generator:
         # Left padding so every row's answer starts right after its prompt.
         self.tokenizer.padding_side = "left"
         if self.processor is not None:
-            pil = [[_to_pil(img)] for img in (images or [None] * len(texts))]
+            pil = [[_image(img)] for img in (images or [None] * len(texts))]
             inputs = self.processor(images=pil, text=texts, return_tensors="pt", padding=True,
                                     add_special_tokens=False)
         else:
@@ -57,14 +56,10 @@ class Generator:
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)
 
 
-def _to_pil(image: Any) -> Image.Image:
+def _image(image: Any) -> Any:
     if image is None:
         raise ValueError("this student needs an image for every prompt")
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, (bytes, bytearray)):
-        return Image.open(io.BytesIO(image)).convert("RGB")
-    return Image.fromarray(image).convert("RGB")
+    return to_pil(image)
 
 
 def load_generator(model_dir: str | Path, device: str | None = None) -> Generator:

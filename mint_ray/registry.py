@@ -10,18 +10,17 @@ generates answers for a DataFrame of prompts.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import pandas as pd
 
-from mint_ray import storage
+from mint_ray import model_folders
 from mint_ray.errors import MintError
+from mint_ray.model_folders import METADATA_FILE
 
 MODEL_ARTIFACT = "model"
-METADATA_FILE = "mint_model.json"
 # The model's runtime needs; MLflow's inferred list would add torchvision (not
 # installable with the CPU torch wheel) for transformers models.
 PIP_REQUIREMENTS = ["torch==2.13.0", "transformers==5.23.0", "peft==0.21.2", "pillow==13.0.0",
@@ -32,7 +31,7 @@ class StudentModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper: input rows with ``messages`` (chat) -> generated text."""
 
     def load_context(self, context: Any) -> None:
-        from mint_ray.generation import load_generator
+        from mint_ray.generation import load_generator  # torch: only where a model is loaded
 
         self._generator = load_generator(context.artifacts[MODEL_ARTIFACT])
 
@@ -42,19 +41,12 @@ class StudentModel(mlflow.pyfunc.PythonModel):
                                         [r.get("image") for r in rows], **(params or {}))
 
 
-def read_model_metadata(model_dir: str | Path) -> dict[str, Any]:
-    path = Path(model_dir) / METADATA_FILE
-    if not path.is_file():
-        raise MintError(f"{model_dir} is not a mint-ray model directory (no {METADATA_FILE})")
-    return json.loads(path.read_text())
-
-
 def log_student(model_dir: str | Path, name: str | None, tags: dict[str, str]) -> dict[str, str]:
     """Log ``model_dir`` as a model of the active run; register it under ``name`` if given.
 
     Returns ``{"model_uri", "name", "version"}`` (version empty when not registered).
     """
-    metadata = read_model_metadata(model_dir)
+    metadata = model_folders.read_metadata(model_dir)
     info = mlflow.pyfunc.log_model(name=MODEL_ARTIFACT, python_model=StudentModel(),
                                    artifacts={MODEL_ARTIFACT: str(model_dir)},
                                    pip_requirements=PIP_REQUIREMENTS,
@@ -81,46 +73,39 @@ def parse_models_uri(uri: str) -> tuple[str, str | None, str | None] | None:
     return None
 
 
-def resolve_model_dir(uri: str, cache_dir: str | Path) -> Path:
+def alias_version(name: str, alias: str) -> str:
+    """The version that ``name@alias`` points at now."""
+    try:
+        return str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
+    except mlflow.exceptions.MlflowException as err:
+        raise MintError(f"models:/{name}@{alias}: the registry has no alias {alias!r} on model {name!r} "
+                        f"({str(err).splitlines()[0]})") from None
+
+
+def local_model_dir(uri: str) -> Path:
     """A local Hugging Face directory for ``uri``: ``models:/name@alias``, ``models:/name/3``,
-    an ``s3://`` directory or a local path."""
-    if uri.startswith("models:/"):
+    ``models:/m-<id>``, an ``s3://`` directory or a local path.
+
+    Registry models are downloaded once per node into the model cache
+    (:mod:`mint_ray.model_folders`), keyed by the tracking server and the exact
+    version (an alias is resolved first: it may move, a version does not).
+    """
+    if not uri.startswith("models:/"):
+        return model_folders.local_copy(uri)
+    parsed = parse_models_uri(uri)
+    pinned = uri
+    if parsed is not None and parsed[2] is not None:
+        pinned = f"models:/{parsed[0]}/{alias_version(parsed[0], parsed[2])}"
+
+    def download(target: Path) -> None:
         try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(cache_dir))
+            mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(target))
         except mlflow.exceptions.MlflowException as err:
             raise MintError(f"model URI {uri!r} does not resolve in the MLflow registry at "
                             f"{mlflow.get_tracking_uri()}: {str(err).splitlines()[0]}") from None
-        candidates = sorted(Path(local).rglob(METADATA_FILE))
-        if not candidates:
-            raise MintError(f"{uri} is not a mint-ray student (no {METADATA_FILE} in its artifacts)")
-        return candidates[0].parent
-    if storage.is_s3(uri):
-        return download_dir(uri, cache_dir)
-    path = Path(uri)
-    if not path.is_dir():
-        raise MintError(f"model directory {uri!r} does not exist")
-    return path
 
-
-def download_dir(uri: str, cache_dir: str | Path) -> Path:
-    """Copy every file under an s3:// (or local) directory into ``cache_dir``."""
-    files = storage.list_files(uri)
-    if not files:
-        raise MintError(f"{uri}: no files there; check the URI")
-    root = uri.rstrip("/")
-    prefix = root[len("s3://"):] if storage.is_s3(root) else str(Path(root).absolute())
-    out = Path(cache_dir)
-    for f in files:
-        rel = f[len("s3://"):] if storage.is_s3(f) else f
-        target = out / rel[len(prefix):].lstrip("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(storage.read_bytes(f))
-    return out
-
-
-def upload_dir(local_dir: str | Path, uri: str) -> None:
-    """Copy a local directory tree to ``uri`` (local or s3://)."""
-    base = Path(local_dir)
-    for path in sorted(base.rglob("*")):
-        if path.is_file():
-            storage.write_bytes(storage.join(uri, str(path.relative_to(base))), path.read_bytes())
+    entry = model_folders.cached("registry", model_folders.cache_key(mlflow.get_tracking_uri(), pinned), download)
+    candidates = sorted(entry.rglob(METADATA_FILE))
+    if not candidates:
+        raise MintError(f"{uri} is not a mint-ray student (no {METADATA_FILE} in its artifacts)")
+    return candidates[0].parent

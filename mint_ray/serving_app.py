@@ -40,7 +40,6 @@ import logging
 import os
 import re
 import signal
-import tempfile
 import threading
 import time
 import urllib.error
@@ -144,9 +143,6 @@ class ServeConfig(StrictModel):
     # [{"name", "id"}]. None: the tissue ids, or the model's lineage (its preference
     # data's cohort) when that is readable.
     label_catalog_uri: str | None = None
-    # Where model downloads are staged while loading (None: the system temp dir); each is
-    # deleted once its weights are in memory.
-    download_dir: str | None = None
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
@@ -510,7 +506,7 @@ def label_catalog(task: Task, metadata: dict[str, Any], catalog_uri: str | None)
     if catalog_uri:
         return read_catalog(catalog_uri)
     if task.name == TISSUE_TYPE.name:
-        from mint_ray.data.tissue_type import tissue_id
+        from mint_ray.tasks.tissue_type import tissue_id
 
         return {name: tissue_id(name) for name in TISSUE_TYPES}
     if not metadata.get("data_uri"):
@@ -561,11 +557,10 @@ def load_model(cfg: ServeConfig, ref: ModelRef, version: str | None) -> LoadedMo
     """Download (registered models: exactly ``version``) and load the student. The download
     is deleted once the weights are in memory: a replica that is killed leaves no files."""
     from mint_ray.generation import load_generator
-    from mint_ray.registry import resolve_model_dir
+    from mint_ray.registry import local_model_dir
 
     uri = f"models:/{ref.name}/{version}" if ref.registered and version else ref.uri
-    with tempfile.TemporaryDirectory(prefix="mint-serve-", dir=cfg.download_dir) as target:
-        generator = load_generator(resolve_model_dir(uri, target))
+    generator = load_generator(local_model_dir(uri))
     if generator.task not in TASKS:
         raise MintError(f"{uri}: mint_model.json names task {generator.task!r}; "
                         f"a served model must do one of {', '.join(sorted(TASKS))}")

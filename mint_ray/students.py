@@ -39,7 +39,7 @@ class TinyStudentConfig(StrictModel):
     seed: int = 0
 
 
-class LoraConfig(StrictModel):
+class LoraAdapterConfig(StrictModel):
     """PEFT LoRA; the paper: r=256, alpha=128, dropout 0.05, all linear layers."""
 
     enabled: bool = True
@@ -140,7 +140,7 @@ def load_student(path: str | Path, kind: StudentKind, dtype: torch.dtype) -> Any
     return model_class(kind).from_pretrained(path, dtype=dtype)
 
 
-def lora_target_modules(model: torch.nn.Module, lora: LoraConfig, kind: StudentKind) -> list[str] | str:
+def lora_target_modules(model: torch.nn.Module, lora: LoraAdapterConfig, kind: StudentKind) -> list[str] | str:
     """Resolve the LoRA targets; the vision tower is excluded for Mllama (frozen)."""
     if lora.target_modules != "all-linear":
         wanted = list(lora.target_modules)
@@ -157,7 +157,7 @@ def lora_target_modules(model: torch.nn.Module, lora: LoraConfig, kind: StudentK
     return "all-linear"
 
 
-def apply_lora(model: torch.nn.Module, lora: LoraConfig, kind: StudentKind) -> torch.nn.Module:
+def apply_lora(model: torch.nn.Module, lora: LoraAdapterConfig, kind: StudentKind) -> torch.nn.Module:
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 

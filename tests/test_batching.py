@@ -13,10 +13,10 @@ from mint_ray.tasks import RARE_DISEASE, TISSUE_TYPE
 from mint_ray.tokenizer import EOS, train_tokenizer
 from mint_ray.training.batching import (
     DROP_REASONS,
-    BatchingConfig,
     BatchStats,
     EncodedPair,
     EncodedPrompt,
+    PairLengthConfig,
     chat_prompt_encoder,
     collate_pairs,
     encode_pair,
@@ -58,7 +58,7 @@ def ids(tok: Any, text: str) -> list[int]:
 
 def test_prompt_and_responses_tokenized_with_the_chat_template(tok: Any) -> None:
     r = row()
-    pair = encode_pair(r, tok, BatchingConfig())
+    pair = encode_pair(r, tok, PairLengthConfig())
     assert isinstance(pair, EncodedPair) and pair.sample_id == "p1"
     assert pair.prompt_ids == ids(tok, render(tok, r["prompt"], True))
     assert tok.decode(pair.chosen_ids) == RARE_DISEASE.format_answer(DISEASES[:10]) + EOS
@@ -72,7 +72,7 @@ def test_prompt_and_responses_tokenized_with_the_chat_template(tok: Any) -> None
 def test_long_note_is_cut_at_its_end_keeping_system_instruction_and_header(tok: Any) -> None:
     r = row(note=LONG_NOTE)
     full_prompt = ids(tok, render(tok, r["prompt"], True))
-    cfg = BatchingConfig(max_prompt_length=len(full_prompt) - 40, max_length=len(full_prompt) - 10)
+    cfg = PairLengthConfig(max_prompt_length=len(full_prompt) - 40, max_length=len(full_prompt) - 10)
     pairs, stats = encode_rows([r], tok, cfg)
     (pair,) = pairs
     assert len(pair.prompt_ids) == cfg.max_prompt_length and pair.prompt_cut == 40
@@ -96,12 +96,12 @@ def test_long_note_is_cut_at_its_end_keeping_system_instruction_and_header(tok: 
 def test_prompt_overflow_drop_rule_and_unfittable_prompts(tok: Any) -> None:
     r = row(note=LONG_NOTE)
     n = len(ids(tok, render(tok, r["prompt"], True)))
-    drop = BatchingConfig(max_prompt_length=n - 1, max_length=n + 50, prompt_overflow="drop")
+    drop = PairLengthConfig(max_prompt_length=n - 1, max_length=n + 50, prompt_overflow="drop")
     assert encode_pair(r, tok, drop) == "prompt_too_long"
     # The note can give up all but one token; shorter than that the row is dropped.
-    no_room = BatchingConfig(max_prompt_length=40, max_length=100)
+    no_room = PairLengthConfig(max_prompt_length=40, max_length=100)
     assert encode_pair(r, tok, no_room) == "prompt_too_long"
-    exactly = BatchingConfig(max_prompt_length=n, max_length=n + 30)
+    exactly = PairLengthConfig(max_prompt_length=n, max_length=n + 30)
     pair = encode_pair(r, tok, exactly)
     assert isinstance(pair, EncodedPair) and pair.prompt_cut == 0 and len(pair.prompt_ids) == n
 
@@ -120,7 +120,7 @@ def test_bad_rows_are_counted_with_their_reason(tok: Any) -> None:
         {**row(sample_id="u"), "rejected": [{"role": "user", "content": "x"}]},
         {"sample_id": 7, "prompt": RARE_DISEASE.prompt_messages(note=NOTE)},
     ]
-    pairs, stats = encode_rows(rows, tok, BatchingConfig())
+    pairs, stats = encode_rows(rows, tok, PairLengthConfig())
     assert [p.sample_id for p in pairs] == ["ok"]
     assert stats.rows_in == 8 and stats.pairs == 1
     assert stats.dropped == {"empty_chosen": 1, "empty_rejected": 1, "identical": 1,
@@ -137,21 +137,21 @@ def test_bad_rows_are_counted_with_their_reason(tok: Any) -> None:
 def test_identical_after_truncation(tok: Any) -> None:
     r = row(chosen=DISEASES[:5], rejected=DISEASES[:4])  # same first four items
     n = len(ids(tok, render(tok, r["prompt"], True)))
-    pair = encode_pair(r, tok, BatchingConfig(max_prompt_length=n, max_length=n + 8))
+    pair = encode_pair(r, tok, PairLengthConfig(max_prompt_length=n, max_length=n + 8))
     assert pair == "identical_after_truncation"
 
 
 def test_config_rule_and_strictness() -> None:
     with pytest.raises(ConfigError, match="max_prompt_length"):
-        build_config(BatchingConfig, {"max_length": 700, "max_prompt_length": 700})
+        build_config(PairLengthConfig, {"max_length": 700, "max_prompt_length": 700})
     with pytest.raises(ConfigError, match="unknown key 'max_len'"):
-        build_config(BatchingConfig, {"max_len": 10})
-    assert BatchingConfig().prompt_overflow == "cut_note"
+        build_config(PairLengthConfig, {"max_len": 10})
+    assert PairLengthConfig().prompt_overflow == "cut_note"
 
 
 def test_collate_pads_segments(tok: Any) -> None:
     pairs, _ = encode_rows([row(), row(note=LONG_NOTE, chosen=DISEASES[:2])], tok,
-                           BatchingConfig())
+                           PairLengthConfig())
     batch = collate_pairs(pairs, tok.pad_token_id)
     assert len(batch) == 2
     for name in ("prompt", "chosen", "rejected"):
@@ -179,7 +179,7 @@ def image_row() -> dict[str, Any]:
 def test_vision_rows_go_through_the_prompt_encoder_hook(tok: Any) -> None:
     text_only = chat_prompt_encoder(tok)
     with pytest.raises(ConfigError, match="processor"):
-        encode_pair(image_row(), tok, BatchingConfig(), text_only)
+        encode_pair(image_row(), tok, PairLengthConfig(), text_only)
     seen: list[Any] = []
 
     def processor_encoder(messages: list[dict[str, Any]], images: Any) -> EncodedPrompt:
@@ -188,14 +188,14 @@ def test_vision_rows_go_through_the_prompt_encoder_hook(tok: Any) -> None:
         return EncodedPrompt(plain.input_ids, plain.cut_span,
                              extras={"pixel_values": torch.ones(1, 3)})
 
-    pairs, stats = encode_rows([image_row(), image_row()], tok, BatchingConfig(),
+    pairs, stats = encode_rows([image_row(), image_row()], tok, PairLengthConfig(),
                                processor_encoder)
     assert stats.pairs == 2 and seen == [["<an image>"], ["<an image>"]]
     assert tok.decode(pairs[0].chosen_ids) == TISSUE_TYPE.format_answer(["Breast", "Colon"]) + EOS
     batch = collate_pairs(pairs, tok.pad_token_id)
     assert batch.extras["pixel_values"].shape == (2, 3)
     with pytest.raises(MintError, match="mixes"):
-        collate_pairs([pairs[0], encode_pair(row(), tok, BatchingConfig())], tok.pad_token_id)
+        collate_pairs([pairs[0], encode_pair(row(), tok, PairLengthConfig())], tok.pad_token_id)
 
 
 def test_image_prompt_truncation_never_cuts_the_image_token(tok: Any) -> None:

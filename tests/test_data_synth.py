@@ -19,8 +19,9 @@ import pytest
 from mint_ray import storage
 from mint_ray.cli import main
 from mint_ray.config import build_config, load_config
-from mint_ray.data import SAMPLES_SCHEMA, hpo, images, rare_disease, splits, synth
+from mint_ray.data import SAMPLES_SCHEMA, hpo, rare_disease, splits, synth
 from mint_ray.errors import ConfigError, MintError
+from mint_ray.images import ImageLimits, decode_rgb
 from mint_ray.tasks import TISSUE_TYPES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,7 +81,7 @@ def test_rare_disease_cohort_follows_the_samples_contract(rd_cohort) -> None:
         note = row["note"].lower()
         assert all(n.lower() in note for n in names)
     assert styles == {"gestalt", "paragraph"}
-    pixels = images.decode_png(Path(rows[0]["image_uri"]).read_bytes())
+    pixels = decode_rgb(Path(rows[0]["image_uri"]).read_bytes(), ImageLimits())
     assert pixels.shape == (32, 32, 3)
 
 
@@ -121,7 +122,7 @@ def test_tissue_type_tiles(tmp_path: Path) -> None:
     assert table["note"].null_count == 95
     assert Counter(table["label"].to_pylist()) == dict.fromkeys(TISSUE_TYPES, 5)
     for uri in table["image_uri"].to_pylist()[:5]:
-        assert images.decode_png(storage.read_bytes(uri)).shape == (48, 48, 3)
+        assert decode_rgb(storage.read_bytes(uri), ImageLimits()).shape == (48, 48, 3)
 
 
 def test_per_split_counts(tmp_path: Path) -> None:
@@ -290,7 +291,7 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(tmp_path: Path,
     # Tables built from the first version (preference sets, evaluations) keep their images.
     second_images = storage.read_dataset(out)["image_uri"].to_pylist()
     assert image_files(out) == set(first_images) | set(second_images)
-    assert all(images.decode_png(storage.read_bytes(u)).shape == (24, 24, 3) for u in first_images)
+    assert all(decode_rgb(storage.read_bytes(u), ImageLimits()).shape == (24, 24, 3) for u in first_images)
 
 
 def test_rerun_with_the_same_seed_uploads_no_image_again(tmp_path: Path) -> None:
@@ -406,7 +407,7 @@ def test_cohort_on_s3_reads_back_with_ray_data(s3_bucket: str, tmp_path: Path) -
         if started:
             ray.shutdown()
     assert row["image_uri"].startswith(f"{uri}/images/")
-    assert images.decode_png(storage.read_bytes(row["image_uri"])).shape == (32, 32, 3)
+    assert decode_rgb(storage.read_bytes(row["image_uri"]), ImageLimits()).shape == (32, 32, 3)
 
 
 def test_s3_cohort_keeps_its_images_through_a_failed_and_a_real_overwrite(
@@ -425,4 +426,4 @@ def test_s3_cohort_keeps_its_images_through_a_failed_and_a_real_overwrite(
     synth.run(again)
     second = storage.read_dataset(uri)["image_uri"].to_pylist()
     assert calls["n"] == 26 and image_files(uri) == set(first) | set(second)
-    assert all(images.decode_png(storage.read_bytes(u)).shape == (32, 32, 3) for u in first)
+    assert all(decode_rgb(storage.read_bytes(u), ImageLimits()).shape == (32, 32, 3) for u in first)

@@ -22,8 +22,9 @@ from mint_ray.errors import MintError
 from mint_ray.evaluation import compare, promote, rag
 from mint_ray.evaluation import run as evaluate
 from mint_ray.evaluation.report import render_report
+from mint_ray.model_folders import METADATA_FILE
 from mint_ray.ray_cluster import worker_env
-from mint_ray.registry import METADATA_FILE, log_student
+from mint_ray.registry import log_student
 from mint_ray.tasks import get_task
 from tests.prefdata import write_text_prefs, write_vision_prefs
 from tests.tinymodels import make_student_dir

@@ -18,7 +18,8 @@ from PIL import Image
 
 from mint_ray import storage
 from mint_ray.config import build_config
-from mint_ray.data import images, synth
+from mint_ray.data import synth
+from mint_ray.images import ImageLimits, decode_rgb
 
 pytest.importorskip("sklearn")
 from sklearn.linear_model import LogisticRegression
@@ -50,7 +51,7 @@ def hpo_bag(table: pa.Table) -> np.ndarray:
 
 
 def read_images(table: pa.Table) -> list[np.ndarray]:
-    return [images.decode_png(storage.read_bytes(uri)) for uri in table["image_uri"].to_pylist()]
+    return [decode_rgb(storage.read_bytes(uri), ImageLimits()) for uri in table["image_uri"].to_pylist()]
 
 
 def pixels(table: pa.Table, side: int = 16) -> np.ndarray:

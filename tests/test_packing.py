@@ -13,8 +13,8 @@ from mint_ray.losses import dpo_loss, orpo_loss
 from mint_ray.tasks import RARE_DISEASE
 from mint_ray.tokenizer import EOS, train_tokenizer
 from mint_ray.training.batching import (
-    BatchingConfig,
     EncodedPair,
+    PairLengthConfig,
     PreferenceBatch,
     collate_pairs,
     encode_rows,
@@ -54,7 +54,7 @@ def pairs(tok: Any) -> list[EncodedPair]:
     rows = [{"prompt": RARE_DISEASE.prompt_messages(note=n),
              "chosen": RARE_DISEASE.answer_message(c), "rejected": RARE_DISEASE.answer_message(r)}
             for n, (c, r) in zip(NOTES, ANSWERS, strict=True)]
-    out, stats = encode_rows(rows, tok, BatchingConfig())
+    out, stats = encode_rows(rows, tok, PairLengthConfig())
     assert stats.pairs == 3
     return out
 

@@ -67,7 +67,7 @@ def test_prompts_of_another_wording_are_refused_not_misread() -> None:
 
 
 def test_real_hpo_annotations_retrieve_the_disease_from_its_signs() -> None:
-    from mint_ray.data import hpo
+    from mint_ray import hpo
 
     ontology = hpo.load()
     disease = next(d for d in ontology.diseases.values()

@@ -18,6 +18,7 @@ from PIL import Image
 from mint_ray import storage
 from mint_ray.config import build_config
 from mint_ray.errors import ConfigError, MintError
+from mint_ray.model_folders import publish_dir
 from mint_ray.tasks import TISSUE_TYPES
 from mint_ray.teachers import (
     Case,
@@ -27,9 +28,9 @@ from mint_ray.teachers import (
     score_all,
     top_k_accuracy,
 )
-from mint_ray.teachers.base import SPEC_FILE, publish_dir
 from mint_ray.teachers.clip import contrastive_loss
 from mint_ray.teachers.fusion import FusionSettings, FusionTeacher
+from mint_ray.teachers.protocol import SPEC_FILE
 from mint_ray.teachers.train import Config, _user_error, read_cases, run, shard_positions
 from mint_ray.tokenizer import train_tokenizer
 
@@ -277,20 +278,21 @@ def test_bare_siglip_directory_scores_label_prompts(tmp_path: Path) -> None:
 
 
 @pytest.mark.s3
-def test_teacher_loads_from_s3(fusion: dict[str, Any], s3_bucket: str, tmp_path: Path) -> None:
+def test_teacher_loads_from_s3(fusion: dict[str, Any], s3_bucket: str, tmp_path: Path,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MINT_RAY_CACHE", str(tmp_path / "cache"))
     local_uri = fusion["summary"]["teacher_uri"]
     uri = f"{s3_bucket}/teachers/rare_disease-fusion"
-    publish_dir(Path(local_uri), uri, overwrite=True)
+    publish_dir(Path(local_uri), uri, marker=SPEC_FILE, overwrite=True)
     assert storage.exists(storage.join(uri, SPEC_FILE))
-    remote = load_teacher(uri, device="cpu", cache_dir=str(tmp_path / "cache"))
+    remote = load_teacher(uri, device="cpu")
     local = load_teacher(local_uri, device="cpu")
     assert remote.version == local.version
     cases, _ = read_cases(fusion["cohort"], "rare_disease", "validation", local.labels, False)
     np.testing.assert_array_equal(score_all(remote, cases), score_all(local, cases))
     # A second load hits the cache (same spec) instead of downloading again.
-    assert load_teacher(uri, device="cpu", cache_dir=str(tmp_path / "cache")).version == \
-        local.version
-    assert len(list((tmp_path / "cache" / "teachers").iterdir())) == 1
+    assert load_teacher(uri, device="cpu").version == local.version
+    assert len([p for p in (tmp_path / "cache" / "models").iterdir() if not p.name.startswith(".")]) == 1
 
 
 # ---------------------------------------------------------------- bad input

@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 from mint_ray import storage
 from mint_ray.config import load_config
 from mint_ray.errors import ConfigError
+from mint_ray.students import model_class
 from mint_ray.training import run as train_stage
 from mint_ray.training.config import Config
-from mint_ray.training.students import model_class
 from mint_ray.training.worker import EXPORT_CHECK
 from tests.prefdata import write_text_prefs, write_vision_prefs
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mint_ray.registry import METADATA_FILE
+from mint_ray.model_folders import METADATA_FILE
+from mint_ray.students import TinyStudentConfig, build_tiny_student
 from mint_ray.tasks import RARE_DISEASE, TISSUE_TYPE, TISSUE_TYPES
-from mint_ray.training.students import TinyStudentConfig, build_tiny_student
 from tests.prefdata import DISEASES, TERMS
 
 

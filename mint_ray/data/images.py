@@ -66,9 +66,3 @@ def encode_png(pixels: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    """(H, W, 3) uint8 array of PNG bytes."""
-    with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))

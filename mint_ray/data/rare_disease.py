@@ -22,8 +22,8 @@ from pydantic import Field, model_validator
 
 from mint_ray.config import StrictModel
 from mint_ray.data import Case, LabelInfo, images
-from mint_ray.data.hpo import Annotation, Disease, Hpo
 from mint_ray.errors import ConfigError
+from mint_ray.hpo import Annotation, Disease, Hpo
 from mint_ray.metrics import is_match, normalise
 
 GENERATOR = "rare_disease/1"

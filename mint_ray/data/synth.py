@@ -137,7 +137,7 @@ class Config(StrictModel):
 def make_generator(cfg: Config) -> Generator:
     """The task's case generator (imports only what that task needs)."""
     if cfg.task == "rare_disease":
-        from mint_ray.data import hpo
+        from mint_ray import hpo
         from mint_ray.data.rare_disease import RareDiseaseGenerator
 
         return RareDiseaseGenerator(hpo.load(), cfg.sizes.n_diseases, cfg.sizes.min_phenotypes,

@@ -12,7 +12,6 @@ The student sees the image only, so tiles carry no note.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,6 +20,7 @@ from PIL import Image, ImageDraw
 
 from mint_ray.data import Case, LabelInfo, images
 from mint_ray.tasks import TISSUE_TYPES
+from mint_ray.tasks.tissue_type import tissue_id
 
 GENERATOR = "tissue_type/1"
 Layout = Literal["scattered", "glands", "layers"]
@@ -61,11 +61,6 @@ LOOKS: dict[str, TissueLook] = {
     "Thyroid": TissueLook(0.024, 0.08, 0.95, 60, (65, 40, 120), (240, 150, 180), 0.15, "glands"),
     "Uterus": TissueLook(0.026, 0.15, 0.35, 70, (75, 50, 135), (225, 145, 180), 0.30, "layers"),
 }
-
-
-def tissue_id(name: str) -> str:
-    """A stable slug id: ``Head & Neck`` -> ``head_neck``."""
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
 # ----------------------------------------------------------------- placing nuclei

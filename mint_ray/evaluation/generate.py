@@ -9,18 +9,14 @@ driver.
 
 Every actor resolves the model itself (``local_model_dir``): on a cluster the
 driver's disk is not the workers', so each node fetches its own copy once
-(``models:/``, ``s3://``) into a cache keyed by the URI.
+(``models:/``, ``s3://``) into the node-local model cache (:mod:`mint_ray.model_folders`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import shutil
-import tempfile
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,17 +24,12 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from mint_ray import storage
+from mint_ray import model_folders, registry, storage
 from mint_ray.config import StrictModel
 from mint_ray.errors import MintError
 from mint_ray.generation import SAMPLING_TEXT, SAMPLING_VISION
-from mint_ray.registry import METADATA_FILE, resolve_model_dir
+from mint_ray.model_folders import METADATA_FILE, write_metadata
 from mint_ray.tasks import Task, get_task
-
-MODEL_CACHE = Path(tempfile.gettempdir()) / "mint-ray-models"
-# Inside a cached download: the model folder's path relative to the cache entry
-# (an MLflow download nests it under the artifact path).
-_MODEL_DIR_FILE = ".model_dir"
 
 
 class GenerationConfig(StrictModel):
@@ -76,57 +67,6 @@ class Request:
 # ---------------------------------------------------------------- model directories
 
 
-def _build_once(final: Path, build: Callable[[Path], None]) -> None:
-    """Create ``final`` by filling a private folder and renaming it: actors of one
-    node may race, and a reader never sees a half-written folder."""
-    if final.exists():
-        return
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    try:
-        build(tmp)
-        try:
-            tmp.rename(final)
-        except OSError:
-            if not final.exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _key(*parts: str | bytes) -> str:
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(part.encode() if isinstance(part, str) else part)
-        digest.update(b"\0")
-    return digest.hexdigest()[:24]
-
-
-def _download(uri: str, tracking_uri: str | None) -> Path:
-    """A cached local copy of a ``models:/`` or ``s3://`` model directory."""
-    key: list[str | bytes] = [uri]
-    if storage.is_s3(uri):
-        # A model re-trained to the same URI gets new files: key on its description.
-        marker = next((storage.join(uri, f) for f in (METADATA_FILE, "config.json")
-                       if storage.exists(storage.join(uri, f))), None)
-        if marker is None:
-            raise MintError(f"model {uri!r}: no {METADATA_FILE} or config.json there; check the URI")
-        key.append(storage.read_bytes(marker))
-    final = MODEL_CACHE / _key(*key)
-
-    def fetch(tmp: Path) -> None:
-        if tracking_uri:
-            import mlflow
-
-            mlflow.set_tracking_uri(tracking_uri)
-        model_dir = resolve_model_dir(uri, tmp)
-        (tmp / _MODEL_DIR_FILE).write_text(str(model_dir.relative_to(tmp)))
-
-    _build_once(final, fetch)
-    return final / (final / _MODEL_DIR_FILE).read_text()
-
-
 def _as_base_checkpoint(path: Path, uri: str, task: Task) -> Path:
     """A plain Hugging Face checkpoint (no ``mint_model.json``: the base model) as a
     student directory: links to its files plus the metadata the loader needs."""
@@ -135,25 +75,25 @@ def _as_base_checkpoint(path: Path, uri: str, task: Task) -> Path:
                         "Face checkpoint (config.json): check the URI")
     metadata = {"task": task.name, "kind": "mllama" if task.modality == "image" else "causal_lm",
                 "objective": "none", "base_model": uri, "merged": True}
-    final = MODEL_CACHE / f"base-{_key(str(path.resolve()), json.dumps(metadata, sort_keys=True))}"
 
     def link(tmp: Path) -> None:
         for child in path.iterdir():
             (tmp / child.name).symlink_to(child.resolve())
-        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+        write_metadata(tmp, metadata)
 
-    _build_once(final, link)
-    return final
+    key = model_folders.cache_key(str(path.resolve()), json.dumps(metadata, sort_keys=True))
+    return model_folders.cached("base-as-student", key, link)
 
 
 def local_model_dir(uri: str, task: Task, tracking_uri: str | None = None) -> Path:
     """A local student directory for ``uri``: a local folder, ``s3://`` folder,
     ``models:/name/version`` (or ``@alias``), or a bare base checkpoint (which is
-    then treated as a student of ``task``)."""
-    if uri.startswith("models:/") or storage.is_s3(uri):
-        path = _download(uri, tracking_uri)
-    else:
-        path = resolve_model_dir(uri, MODEL_CACHE)
+    then treated as a student of ``task``). Remote ones are fetched once per node."""
+    if tracking_uri and uri.startswith("models:/"):
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri)
+    path = registry.local_model_dir(uri)
     return path if (path / METADATA_FILE).is_file() else _as_base_checkpoint(path, uri, task)
 
 

@@ -120,7 +120,7 @@ def hpo_index(restrict_to: Collection[str] | None = None) -> PhenotypeIndex:
     ``restrict_to`` (label names) keeps only those diseases: retrieval within
     the task's label space instead of all ~12k diseases.
     """
-    from mint_ray.data import hpo
+    from mint_ray import hpo
 
     ontology = hpo.load()
     wanted = None if restrict_to is None else {normalise_term(n) for n in restrict_to}

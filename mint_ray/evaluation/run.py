@@ -36,7 +36,7 @@ from mint_ray.errors import ConfigError, MintError
 from mint_ray.evaluation import promote, rag
 from mint_ray.evaluation.generate import GenerationConfig, Request, generate, local_model_dir
 from mint_ray.evaluation.report import Report, metrics_markdown, render_report, write_report
-from mint_ray.registry import read_model_metadata
+from mint_ray.model_folders import read_metadata
 from mint_ray.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
@@ -234,7 +234,7 @@ def prepare_model(uri: str, task: Task, tracking_uri: str) -> PreparedModel:
     else:
         uri = storage.absolute(uri)
     local = local_model_dir(uri, task, tracking_uri)
-    metadata = read_model_metadata(local)
+    metadata = read_metadata(local)
     if metadata.get("task") != task.name:
         raise ConfigError(f"task mismatch: model {uri} was trained for task {metadata.get('task')!r} but "
                           f"task={task.name}: evaluate it on data of its task or choose a {task.name} model")

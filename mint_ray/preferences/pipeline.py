@@ -234,11 +234,11 @@ def catalog_names(meta: dict[str, Any]) -> list[str]:
 
 def describe_teacher(cfg: Config, task: Task, cohort_meta: dict[str, Any]) -> TeacherInfo:
     """Read the teacher's spec (no weights) and decide its label space."""
-    from mint_ray.teachers.base import SPEC_FILE, TeacherSpec
+    from mint_ray.teachers.loader import read_spec
 
     uri, wanted = cfg.teacher.uri, cfg.teacher.labels
-    if storage.exists(storage.join(uri, SPEC_FILE)):
-        spec = TeacherSpec.from_json(storage.read_bytes(storage.join(uri, SPEC_FILE)).decode(), uri)
+    spec = read_spec(uri)
+    if spec is not None:
         if spec.task != task.name:
             raise ConfigError(f"teacher {uri} was trained for task {spec.task!r}, not {task.name!r}: "
                               "choose a teacher of this task")
@@ -265,13 +265,9 @@ def describe_teacher(cfg: Config, task: Task, cohort_meta: dict[str, Any]) -> Te
 
 def _teacher_requires(kind: str) -> tuple[str, ...]:
     """The inputs a teacher kind needs, from its class (imports torch, once, on the driver)."""
-    if kind == "fusion":
-        from mint_ray.teachers.fusion import FusionTeacher
+    from mint_ray.teachers.loader import teacher_class
 
-        return FusionTeacher.requires
-    from mint_ray.teachers.clip import ClipTeacher
-
-    return ClipTeacher.requires
+    return teacher_class(kind, "teacher").requires
 
 
 def pair_rule(cfg: Config, task: Task, n_labels: int) -> PairRule:
@@ -499,7 +495,7 @@ class TeacherScorer:
     """A Ray Data actor: loads the teacher once, scores the usable rows of each batch."""
 
     def __init__(self, info: TeacherInfo, device: str, threads: int | None) -> None:
-        from mint_ray.teachers.base import load_teacher
+        from mint_ray.teachers.loader import load_teacher
 
         if threads:
             import torch
@@ -512,7 +508,7 @@ class TeacherScorer:
                             "re-save the teacher")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from mint_ray.teachers.base import Case
+        from mint_ray.teachers.protocol import Case
 
         n, n_labels = batch.num_rows, len(self.teacher.labels)
         usable = np.flatnonzero(np.asarray(batch.column("reason").is_null()))

@@ -15,6 +15,7 @@ Quarantined (bad input, stage ``validate``; ``teacher_error`` at stage ``teacher
 - ``empty_note``      a text task (or a teacher that needs the note) without a note
 - ``missing_image``   no ``image_uri`` where one is required, or no file at it
 - ``image_too_large`` the file is over ``max_image_bytes`` (checked before reading it)
+- ``unsupported_image_format`` not PNG or JPEG (the one allow-list, :mod:`mint_ray.images`)
 - ``too_many_pixels`` width x height over ``max_image_pixels`` (read from the header,
                       before decoding, so a decompression bomb is never expanded)
 - ``truncated_image`` the file ends early
@@ -29,29 +30,22 @@ Filtered (usable, left out by an option, stage ``filter``):
 
 from __future__ import annotations
 
-import io
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from mint_ray.teachers.base import decode_image
+from mint_ray.images import ImageLimits, ImageRejected, check_size, decode_rgb
 
 SPLITS = ("train", "validation", "test")
 
 QUARANTINE_REASONS = (
     "wrong_type", "duplicate_id", "wrong_task", "unknown_split", "unknown_label", "empty_note",
-    "missing_image", "image_too_large", "too_many_pixels", "truncated_image", "corrupt_image",
-    "teacher_error",
+    "missing_image", "image_too_large", "unsupported_image_format", "too_many_pixels", "truncated_image",
+    "corrupt_image", "teacher_error",
 )
 FILTER_REASONS = ("split_not_selected", "low_margin")
-
-# A PNG ends with its IEND chunk; PIL decodes files that lost only their tail
-# without complaint, so the trailer is checked explicitly.
-_PNG_TRAILER = b"IEND\xaeB`\x82"
-
 
 @dataclass(frozen=True)
 class Verdict:
@@ -110,48 +104,23 @@ def check_row(row: Mapping[str, Any], rules: Rules) -> Verdict | None:
     return None
 
 
+def image_limits(rules: Rules) -> ImageLimits:
+    return ImageLimits(max_bytes=rules.max_image_bytes, max_pixels=rules.max_image_pixels)
+
+
 def check_image_size(num_bytes: int, rules: Rules) -> Verdict | None:
     """The byte limit, checked from the file's size before it is read."""
-    if num_bytes > rules.max_image_bytes:
-        return Verdict("image_too_large", f"{num_bytes} bytes > max_image_bytes {rules.max_image_bytes}")
+    try:
+        check_size(num_bytes, image_limits(rules))
+    except ImageRejected as err:
+        return Verdict(err.reason, err.detail)
     return None
 
 
 def decode_checked(data: bytes, rules: Rules) -> tuple[np.ndarray | None, Verdict | None]:
-    """Image bytes -> (HxWx3 uint8 RGB, None), or (None, why not).
-
-    The header is read first (PIL parses it without decoding pixels), so the
-    pixel limit holds before any memory is spent on the pixels.
-    """
-    from PIL import Image, UnidentifiedImageError
-
+    """Image bytes -> (HxWx3 uint8 RGB, None), or (None, why not), by :mod:`mint_ray.images`
+    (header first: the pixel limit holds before any memory is spent on pixels)."""
     try:
-        with warnings.catch_warnings():
-            # PIL warns (and above twice its own limit raises) on huge headers: ours is stricter.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size
-                fmt = img.format
-                if width * height > rules.max_image_pixels:
-                    return None, Verdict("too_many_pixels", f"{width}x{height} > max_image_pixels "
-                                                            f"{rules.max_image_pixels}")
-                if fmt == "PNG" and not data.endswith(_PNG_TRAILER):
-                    return None, Verdict("truncated_image", "PNG without its IEND trailer")
-                img.verify()  # chunk structure and checksums, without decoding
-    except Image.DecompressionBombError as err:
-        return None, Verdict("too_many_pixels", str(err).split(",")[0])
-    except UnidentifiedImageError:
-        return None, Verdict("corrupt_image", "not a recognised image format")
-    except (OSError, SyntaxError, ValueError) as err:
-        return None, _decode_failure(err)
-    try:
-        return decode_image(data), None
-    except (OSError, SyntaxError, ValueError) as err:
-        return None, _decode_failure(err)
-
-
-def _decode_failure(err: Exception) -> Verdict:
-    text = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-    if "truncated" in text.lower():
-        return Verdict("truncated_image", text)
-    return Verdict("corrupt_image", f"{type(err).__name__}: {text}")
+        return decode_rgb(data, image_limits(rules)), None
+    except ImageRejected as err:
+        return None, Verdict(err.reason, err.detail)

@@ -1,5 +1,7 @@
 """Tissue of origin from an H&E cell-nucleus image (MINT application 2)."""
 
+import re
+
 from mint_ray.tasks.base import Task
 
 TISSUE_TYPES = (
@@ -26,3 +28,8 @@ TISSUE_TYPE = Task(
     quote_items=False,
     labels=TISSUE_TYPES,
 )
+
+
+def tissue_id(name: str) -> str:
+    """A stable slug id: ``Head & Neck`` -> ``head_neck``."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")

@@ -22,8 +22,8 @@ from torch.nn import functional as F
 
 from mint_ray.config import StrictModel
 from mint_ray.errors import MintError
-from mint_ray.teachers.base import Case, TeacherSpec, weights_version
-from mint_ray.teachers.fusion import resize_image
+from mint_ray.images import resize
+from mint_ray.teachers.protocol import Case, TeacherSpec, weights_version
 
 WEIGHTS = "model.safetensors"
 
@@ -149,7 +149,7 @@ class ClipTeacher:
         size = int(self.model.config.vision_config.image_size)
         if any(c.image is None for c in cases):
             raise MintError("the CLIP teacher trains on images: every case needs one")
-        images = np.stack([resize_image(c.image, size) for c in cases])  # type: ignore[arg-type]
+        images = np.stack([resize(c.image, size) for c in cases])  # type: ignore[arg-type]
         return {"images": torch.from_numpy(images)}
 
     def training_loss(self, model: nn.Module, batch: dict[str, torch.Tensor],

@@ -24,7 +24,9 @@ from torch.nn import functional as F
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from mint_ray.config import StrictModel
-from mint_ray.teachers.base import Case, TeacherSpec, weights_version
+from mint_ray.errors import MintError
+from mint_ray.images import resize
+from mint_ray.teachers.protocol import Case, TeacherSpec, weights_version
 
 WEIGHTS = "model.safetensors"
 POOL_GRID = 4
@@ -98,15 +100,6 @@ class FusionModel(nn.Module):
         return self.head(torch.cat([text, image, tp, ip], dim=-1))
 
 
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    """HxWx3 uint8 -> size x size x 3 uint8 (bilinear)."""
-    from PIL import Image
-
-    if image.shape[:2] == (size, size):
-        return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
-
-
 class FusionTeacher:
     """A trained (or training) fusion classifier behind the ``Teacher`` protocol."""
 
@@ -133,7 +126,14 @@ class FusionTeacher:
                    labels=labels)
 
     @classmethod
-    def from_pretrained(cls, directory: Path, spec: TeacherSpec, device: str) -> FusionTeacher:
+    def from_pretrained(cls, directory: Path, spec: TeacherSpec, device: str, *,
+                        labels: Sequence[str] | None = None,
+                        prompt_template: str | None = None) -> FusionTeacher:
+        """A directory saved by ``save_teacher_dir``. ``prompt_template`` is unused (no
+        prompts); ``labels`` must be the classifier head's own."""
+        if labels is not None and tuple(labels) != spec.labels:
+            raise MintError(f"{spec.name}: this fusion teacher scores its own {len(spec.labels)} "
+                            "labels and cannot be re-targeted; train one on this label set")
         settings = FusionSettings.model_validate(spec.settings)
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(directory))
         model = FusionModel(settings, len(tokenizer), len(spec.labels), tokenizer.pad_token_id)
@@ -165,7 +165,7 @@ class FusionTeacher:
         images = np.zeros((len(cases), size, size, 3), dtype=np.uint8)
         for i, c in enumerate(cases):
             if c.image is not None:
-                images[i] = resize_image(c.image, size)
+                images[i] = resize(c.image, size)
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,

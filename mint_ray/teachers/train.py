@@ -28,17 +28,11 @@ from pydantic import Field
 from mint_ray import storage
 from mint_ray.config import RayConfig, StorageConfig, StrictModel, TrackingConfig
 from mint_ray.errors import MintError
+from mint_ray.images import ImageLimits, ImageRejected, decode_rgb
 from mint_ray.tasks import get_task
-from mint_ray.teachers.base import (
-    SPEC_FILE,
-    Case,
-    TeacherSpec,
-    decode_image,
-    score_all,
-    top_k_accuracy,
-)
 from mint_ray.teachers.clip import ClipSettings
 from mint_ray.teachers.fusion import FusionSettings
+from mint_ray.teachers.protocol import SPEC_FILE, Case, TeacherSpec, score_all, top_k_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -201,8 +195,8 @@ def read_cases(cohort_uri: str, task: str, split: str, labels: tuple[str, ...],
             continue
         uri = rows["image_uri"][i]
         try:
-            image = decode_image(storage.read_bytes(uri)) if uri else None
-        except OSError as err:  # PIL's UnidentifiedImageError is an OSError
+            image = decode_rgb(storage.read_bytes(uri), ImageLimits()) if uri else None
+        except ImageRejected as err:
             raise MintError(f"sample {rows['sample_id'][i]}: image {uri} cannot be decoded "
                             f"({err}); fix or regenerate the cohort") from None
         decoded[i] = Case(note=rows["note"][i], image=image)
@@ -216,7 +210,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     import torch
     from ray.train.torch import get_device, prepare_model
 
-    from mint_ray.teachers.base import save_teacher_dir
+    from mint_ray.teachers.loader import save_teacher_dir
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -62,7 +62,7 @@ DROP_REASONS = (
 )
 
 
-class BatchingConfig(StrictModel):
+class PairLengthConfig(StrictModel):
     """Length limits and the overflow rule (defaults: the paper's ORPO run)."""
 
     max_length: int = Field(default=1400, ge=2)
@@ -70,7 +70,7 @@ class BatchingConfig(StrictModel):
     prompt_overflow: Literal["cut_note", "drop"] = "cut_note"
 
     @model_validator(mode="after")
-    def _prompt_shorter_than_total(self) -> BatchingConfig:
+    def _prompt_shorter_than_total(self) -> PairLengthConfig:
         if self.max_prompt_length >= self.max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below "
                              f"max_length ({self.max_length}) to leave room for the answer")
@@ -262,7 +262,7 @@ def _response_ids(tokenizer: PreTrainedTokenizerBase, prompt_text: str,
 
 
 def encode_pair(row: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
-                cfg: BatchingConfig, prompt_encoder: PromptEncoder | None = None
+                cfg: PairLengthConfig, prompt_encoder: PromptEncoder | None = None
                 ) -> EncodedPair | str:
     """Tokenize and truncate one preference row: an ``EncodedPair``, or a drop reason."""
     prompt, chosen, rejected = row.get("prompt"), row.get("chosen"), row.get("rejected")
@@ -305,7 +305,7 @@ def encode_pair(row: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
 
 
 def encode_rows(rows: Iterable[Mapping[str, Any]], tokenizer: PreTrainedTokenizerBase,
-                cfg: BatchingConfig, prompt_encoder: PromptEncoder | None = None,
+                cfg: PairLengthConfig, prompt_encoder: PromptEncoder | None = None,
                 require_image: bool = False) -> tuple[list[EncodedPair], BatchStats]:
     """Encode many rows; unusable ones are counted in the stats with their reason.
 

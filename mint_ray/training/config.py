@@ -7,9 +7,9 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from mint_ray.config import RayConfig, StorageConfig, StrictModel, TrackingConfig
-from mint_ray.training.batching import BatchingConfig
+from mint_ray.students import LoraAdapterConfig, StudentKind, TinyStudentConfig
+from mint_ray.training.batching import PairLengthConfig
 from mint_ray.training.deepspeed_config import DeepSpeedConfig, OptimConfig
-from mint_ray.training.students import LoraConfig, StudentKind, TinyStudentConfig
 
 Objective = Literal["orpo", "dpo", "simpo", "sft"]
 
@@ -21,7 +21,7 @@ class StudentConfig(StrictModel):
     # HF directory (local or s3://), e.g. a copy of meta-llama/Llama-3.2-3B-Instruct.
     path: str | None = None
     tiny: TinyStudentConfig | None = None
-    lora: LoraConfig = LoraConfig()
+    lora: LoraAdapterConfig = LoraAdapterConfig()
     freeze_vision: bool = True
     # DPO's frozen reference. Under LoRA, None means the base weights (adapter
     # switched off); full fine-tuning must name a checkpoint here. The paper's
@@ -56,7 +56,7 @@ class DataConfig(StrictModel):
     splits: list[str] = Field(default_factory=lambda: ["train"], min_length=1)
 
 
-class ScalingConfig(StrictModel):
+class WorkerScalingConfig(StrictModel):
     """One worker per GPU (or CPU slot). ``placement_strategy`` SPREAD puts workers
     on different nodes where it can; PACK fills a node first (fewer hops for NCCL)."""
 
@@ -84,12 +84,12 @@ class Config(StrictModel):
     objective: Objective = "orpo"
     run_name: str | None = None
     data: DataConfig
-    batching: BatchingConfig = BatchingConfig()
+    batching: PairLengthConfig = PairLengthConfig()
     model: StudentConfig = StudentConfig(tiny=TinyStudentConfig())
     optim: OptimConfig = OptimConfig()
     loss: LossConfig = LossConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
-    scaling: ScalingConfig = ScalingConfig()
+    scaling: WorkerScalingConfig = WorkerScalingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log_every_n_steps: int = Field(1, gt=0)
     output_uri: str | None = None  # default: <storage.root>/students/<run name>

@@ -13,12 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mint_ray import storage, tracking
+from mint_ray import storage, students, tracking
 from mint_ray.errors import ConfigError, MintError
+from mint_ray.model_folders import local_copy, publish_dir, read_metadata
 from mint_ray.ray_cluster import init_ray
-from mint_ray.registry import download_dir, log_student, read_model_metadata, upload_dir
+from mint_ray.registry import log_student
 from mint_ray.tasks import get_task
-from mint_ray.training import students
 from mint_ray.training.config import Config
 from mint_ray.training.data import training_rows
 
@@ -62,7 +62,7 @@ def build_tiny_base(cfg: Config, out_uri: str) -> str:
                          else " ".join(p.get("text") or "" for p in content))
     with tempfile.TemporaryDirectory() as tmp:
         students.build_tiny_student(cfg.model.kind, texts, tmp, cfg.model.tiny)
-        upload_dir(tmp, out_uri)
+        publish_dir(tmp, out_uri, marker="config.json", overwrite=True)
     return out_uri
 
 
@@ -115,19 +115,18 @@ def run(cfg: Config) -> dict[str, Any]:
         result = trainer.fit()
         if result.error is not None:
             raise result.error
-        with tempfile.TemporaryDirectory() as tmp:
-            local = download_dir(model_uri, tmp)
-            training = read_model_metadata(local)["training"]
-            run_.log_dict(training, "training_summary.json")
-            registered = {}
-            if run_.run_id:
-                name = (cfg.registry.name or f"mint-{cfg.task}-{cfg.objective}") if cfg.registry.enabled else None
-                registered = log_student(local, name, {
-                    "data.uri": cfg.data.uri, "data.content_hash": manifest.content_hash,
-                    "base_model": base_name, "objective": cfg.objective, "task": cfg.task,
-                    "teacher": str(metadata["teacher"].get("name", "")),
-                    "teacher_version": str(metadata["teacher"].get("version", "")),
-                    "code_version": metadata["code_version"]})
+        local = local_copy(model_uri)
+        training = read_metadata(local)["training"]
+        run_.log_dict(training, "training_summary.json")
+        registered = {}
+        if run_.run_id:
+            name = (cfg.registry.name or f"mint-{cfg.task}-{cfg.objective}") if cfg.registry.enabled else None
+            registered = log_student(local, name, {
+                "data.uri": cfg.data.uri, "data.content_hash": manifest.content_hash,
+                "base_model": base_name, "objective": cfg.objective, "task": cfg.task,
+                "teacher": str(metadata["teacher"].get("name", "")),
+                "teacher_version": str(metadata["teacher"].get("version", "")),
+                "code_version": metadata["code_version"]})
     summary = {"model_uri": model_uri, "checkpoint": result.checkpoint.path if result.checkpoint else None,
                "registered": registered, "mlflow_run_id": run_.run_id,
                "seconds": round(time.time() - t0, 1), "training": training}

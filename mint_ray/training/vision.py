@@ -8,19 +8,19 @@ would run different ZeRO-3 gathers and hang; see MINT.md's traps), and
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import Tensor
+
+from mint_ray.images import to_pil
 
 PIXEL_KEYS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
 
 
 def pixel_inputs(processor: Any, images: list[bytes]) -> dict[str, Tensor]:
     """Processor outputs for one image per row (leading dim = rows)."""
-    pil = [[Image.open(io.BytesIO(b)).convert("RGB")] for b in images]
+    pil = [[to_pil(b)] for b in images]
     out = processor.image_processor(pil, return_tensors="pt")
     return {k: out[k] for k in PIXEL_KEYS}
 

@@ -8,9 +8,8 @@ writes the consolidated model at the end.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import hashlib
-import json
 import logging
 import os
 import random
@@ -26,9 +25,8 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from mint_ray import losses, storage
-from mint_ray.registry import METADATA_FILE, download_dir, upload_dir
-from mint_ray.training import students
+from mint_ray import losses, storage, students
+from mint_ray.model_folders import local_copy, publish_dir, write_metadata
 from mint_ray.training.batching import EncodedPair, PreferenceBatch, collate_pairs, encode_rows
 from mint_ray.training.config import Config
 from mint_ray.training.data import training_rows
@@ -41,18 +39,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 log = logging.getLogger(__name__)
 # Beside the exported weights: a probe input and the training engine's logits on it.
 EXPORT_CHECK = "mint_export_check.safetensors"
-
-
-def local_copy(uri: str) -> Path:
-    """A node-local copy of a model directory (downloaded once per node)."""
-    if not storage.is_s3(uri):
-        return Path(uri)
-    cache = Path(tempfile.gettempdir()) / "mint-ray-models" / hashlib.sha1(uri.encode()).hexdigest()[:16]
-    done = cache / ".complete"
-    if not done.exists():
-        download_dir(uri, cache)
-        done.touch()
-    return cache
 
 
 def shard_for_rank(pairs: list[EncodedPair], rank: int, world: int, seed: int, epoch: int
@@ -92,8 +78,10 @@ class Objective:
         cfg, loss_cfg = self.cfg, self.cfg.loss
         average = cfg.objective != "dpo"  # DPO compares summed logps; the others, means
         nll_over = loss_cfg.sft_nll_over if cfg.objective == "sft" else loss_cfg.nll_over
+        if cfg.objective in ("dpo", "simpo"):
+            nll_over = "response"  # their losses never read the NLL: a chunked head skips the prompt
         out: PairLogps = policy_logps(policy, batch, packed=loss_cfg.packed, nll_over=nll_over,
-                                      average=average)
+                                      average=average, chunk_tokens=loss_cfg.logits_chunk_tokens)
         if cfg.objective == "orpo":
             return losses.orpo_loss(out.chosen, out.rejected, out.chosen_nll, loss_cfg.beta, out.valid)
         if cfg.objective == "simpo":
@@ -178,11 +166,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     def reference_logps(batch: PreferenceBatch) -> PairLogps:
         with torch.no_grad():
-            if ref_engine is not None:
-                return policy_logps(wrap(ref_engine), batch, packed=cfg.loss.packed, average=False)
-            # Under LoRA the base weights are the reference: the adapter switched off.
-            with engine.module.disable_adapter():
-                return policy_logps(wrap(engine), batch, packed=cfg.loss.packed, average=False)
+            ref_model = wrap(ref_engine) if ref_engine is not None else wrap(engine)
+            # Under LoRA (no ref_engine) the base weights are the reference: the adapter switched off.
+            with contextlib.nullcontext() if ref_engine is not None else engine.module.disable_adapter():
+                return policy_logps(ref_model, batch, packed=cfg.loss.packed, nll_over="response",
+                                    average=False, chunk_tokens=cfg.loss.logits_chunk_tokens)
 
     objective = Objective(cfg, reference_logps if cfg.objective == "dpo" else None)
 
@@ -324,10 +312,11 @@ def export_model(engine: Any, cfg: Config, base_dir: Path, tokenizer: Any, proce
         tokenizer.save_pretrained(out)
         if processor is not None:
             processor.save_pretrained(out)
-        Path(out, METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
+        write_metadata(out, metadata)
         save_file({"logits": engine_logits.contiguous(),
                    **{k: v.contiguous() for k, v in probe_inputs.items()}}, str(Path(out, EXPORT_CHECK)))
-        upload_dir(out, loop_config["model_uri"])
+        # A restarted group re-exports over its own earlier attempt.
+        publish_dir(out, loop_config["model_uri"], overwrite=True)
     log.info("[train] consolidated model written to %s", loop_config["model_uri"])
 
 
