@@ -1,5 +1,7 @@
 """``Task.parse_answer`` on real-looking model outputs (expectations written by hand)."""
 
+from dataclasses import replace
+
 import pytest
 
 from mint_ray.tasks import RARE_DISEASE, TISSUE_TYPE
@@ -137,3 +139,16 @@ def test_tissue_answers():
     inline = TISSUE_TYPE.parse_answer(
         "most_likely_tissue: 1. Lung 2. Breast 3. Colon 4. Skin 5. Liver")
     assert inline.items == ["Lung", "Breast", "Colon", "Skin", "Liver"]
+
+
+def test_prompt_record_round_trips_overrides() -> None:
+    custom = replace(RARE_DISEASE, system_prompt="You are brief.", instruction="List {n} under {header}.")
+    record = custom.prompt_record(n_answers=5)
+    assert record == {"system_prompt": "You are brief.", "instruction": "List {n} under {header}.",
+                      "n_answers": 5, "candidates": None}
+    served = RARE_DISEASE.with_prompt_record(record)
+    assert served.prompt_messages(note="a note") == custom.prompt_messages(note="a note", n_answers=5)
+    # A student without a record (trained before it existed) is prompted with the defaults.
+    assert RARE_DISEASE.with_prompt_record(None) == RARE_DISEASE
+    tissue = TISSUE_TYPE.with_prompt_record(TISSUE_TYPE.prompt_record(3, ["Colon", "Liver", "Lung"]))
+    assert tissue.labels == ("Colon", "Liver", "Lung") and tissue.n_answers == 3

@@ -788,7 +788,9 @@ def run(cfg: Config) -> dict[str, Any]:
     quarantine_version = storage.prepare_output(quarantine_uri, overwrite=True)
     options = {"k": rule.k, "q": rule.q, "pairs_per_case": rule.pairs_per_case,
                "min_margin": rule.min_margin, "force_truth": rule.force_truth, "splits": cfg.splits,
-               "system_prompt": task.system_prompt, "instruction": task.instruction}
+               "system_prompt": task.system_prompt, "instruction": task.instruction,
+               # Students record this with their weights, so serving prompts as training did.
+               "prompt": task.prompt_record(rule.k, list(teacher.labels) if task.modality == "image" else None)}
 
     with stage_run(cfg.tracking, "preferences", cfg, cfg.storage.root, run_name=f"preferences-{task.name}",
                    tags={"mint.task": task.name, "teacher.uri": teacher.uri,

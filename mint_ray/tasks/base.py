@@ -8,7 +8,7 @@ tokenizes ``messages``, the evaluator and the server read answers back with
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 # "1. 'Name'", "1) Name", "**1.** Name", "- 1: Name" ...
@@ -77,6 +77,24 @@ class Task:
             user_content, system_content = text, self.system_prompt
         return [{"role": "system", "content": system_content},
                 {"role": "user", "content": user_content}]
+
+    # ---- the prompt a student was trained with -----------------------------
+    def prompt_record(self, n_answers: int | None = None,
+                      candidates: list[str] | None = None) -> dict[str, Any]:
+        """This task's prompt wording, as a student's metadata records it at training time
+        (the preference stage may override the system prompt and instruction)."""
+        return {"system_prompt": self.system_prompt, "instruction": self.instruction,
+                "n_answers": n_answers or self.n_answers,
+                "candidates": list(candidates) if candidates else None}
+
+    def with_prompt_record(self, record: dict[str, Any] | None) -> Task:
+        """This task worded as ``record`` says (None or missing keys: the task's defaults),
+        with the record's answer count and candidate labels."""
+        record = record or {}
+        return replace(self, system_prompt=record.get("system_prompt") or self.system_prompt,
+                       instruction=record.get("instruction") or self.instruction,
+                       n_answers=int(record.get("n_answers") or self.n_answers),
+                       labels=tuple(record.get("candidates") or self.labels))
 
     # ---- answer -----------------------------------------------------------
     def format_answer(self, labels: list[str]) -> str:

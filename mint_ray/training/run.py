@@ -88,6 +88,9 @@ def run(cfg: Config) -> dict[str, Any]:
                 "base_model": base_name, "data_uri": cfg.data.uri,
                 "data_content_hash": manifest.content_hash,
                 "teacher": manifest.meta.get("teacher", {}),
+                # The prompt the pairs were written with (datasets from before it was
+                # recorded: the task's defaults); serving asks the same way.
+                "prompt": manifest.meta.get("prompt") or get_task(cfg.task).prompt_record(),
                 "nll_over": cfg.loss.sft_nll_over if cfg.objective == "sft" else cfg.loss.nll_over,
                 "lora": cfg.model.lora.model_dump(), "merged": True,
                 "code_version": tracking.code_version()}
