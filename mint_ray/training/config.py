@@ -49,6 +49,10 @@ class LossConfig(StrictModel):
     dpo_label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     # Forward [prompt | chosen | rejected] once instead of the prompt twice.
     packed: bool = True
+    # Tokens per chunk of the LM head (training.chunked_logprobs): log-probabilities are
+    # computed from the hidden states only where the loss reads, one chunk's logits alive
+    # at a time, instead of full [rows, length, vocab] logits. 0 = off (the plain path).
+    logits_chunk_tokens: int = Field(0, ge=0)
 
 
 class DataConfig(StrictModel):

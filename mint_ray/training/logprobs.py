@@ -24,6 +24,7 @@ from torch import Tensor
 
 from mint_ray.errors import ConfigError
 from mint_ray.training.batching import PreferenceBatch
+from mint_ray.training.chunked_logprobs import layout_token_logps_chunked
 from mint_ray.training.packing import Layout, layout_token_logps, packed_layout, unpacked_layout
 
 NllOver = Literal["sequence", "response"]
@@ -78,12 +79,15 @@ def pair_logps(token_lps: Tensor, layout: Layout, nll_over: NllOver = DEFAULT_NL
 
 
 def policy_logps(model: torch.nn.Module, batch: PreferenceBatch, *, packed: bool,
-                 nll_over: NllOver = DEFAULT_NLL_OVER, average: bool = True) -> PairLogps:
+                 nll_over: NllOver = DEFAULT_NLL_OVER, average: bool = True,
+                 chunk_tokens: int = 0) -> PairLogps:
     """One forward of ``model`` over ``batch`` (already on the model's device).
 
     ``packed`` picks the shared-prefix layout (one ``[prompt|chosen|rejected]``
     row per pair) or two rows per pair; results agree to float rounding.
     ``average=False`` gives summed logps (DPO); ORPO and SimPO use means.
+    ``chunk_tokens > 0`` never builds the full logits: the head runs only where the
+    loss reads, that many tokens at a time (``training.chunked_logprobs``).
     """
     attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if packed and attn not in (None, *PACKED_ATTENTION):
@@ -93,5 +97,8 @@ def policy_logps(model: torch.nn.Module, batch: PreferenceBatch, *, packed: bool
     # The packed 4D mask is added to attention scores: build it in the model's dtype.
     dtype = getattr(model, "dtype", torch.float32)
     layout = packed_layout(batch, dtype) if packed else unpacked_layout(batch)
-    logits = model(**layout.inputs, use_cache=False).logits
-    return pair_logps(layout_token_logps(logits, layout), layout, nll_over, average)
+    if chunk_tokens:
+        token_lps = layout_token_logps_chunked(model, layout, nll_over == "sequence", chunk_tokens)
+    else:
+        token_lps = layout_token_logps(model(**layout.inputs, use_cache=False).logits, layout)
+    return pair_logps(token_lps, layout, nll_over, average)

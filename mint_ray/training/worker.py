@@ -8,7 +8,6 @@ writes the consolidated model at the end.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -166,10 +165,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     def reference_logps(batch: PreferenceBatch) -> PairLogps:
         with torch.no_grad():
-            ref_model = wrap(ref_engine) if ref_engine is not None else wrap(engine)
-            # Under LoRA (no ref_engine) the base weights are the reference: the adapter switched off.
-            with contextlib.nullcontext() if ref_engine is not None else engine.module.disable_adapter():
-                return policy_logps(ref_model, batch, packed=cfg.loss.packed, nll_over="response",
+            if ref_engine is not None:
+                return policy_logps(wrap(ref_engine), batch, packed=cfg.loss.packed, nll_over="response",
+                                    average=False, chunk_tokens=cfg.loss.logits_chunk_tokens)
+            # Under LoRA the base weights are the reference: the adapter switched off.
+            with engine.module.disable_adapter():
+                return policy_logps(wrap(engine), batch, packed=cfg.loss.packed, nll_over="response",
                                     average=False, chunk_tokens=cfg.loss.logits_chunk_tokens)
 
     objective = Objective(cfg, reference_logps if cfg.objective == "dpo" else None)
