@@ -65,28 +65,6 @@ def token_logps(logits: Tensor, targets: Tensor) -> Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-def sequence_logps(logits: Tensor, labels: Tensor, mask: Tensor,
-                   average: bool = True) -> tuple[Tensor, Tensor]:
-    """Per-sequence log-probability of the masked-in tokens, in fp32.
-
-    ``logits`` ``[N, T, V]`` from a causal LM over ``labels`` ``[N, T]`` (the input
-    ids); ``mask`` ``[N, T]`` marks the tokens whose probability counts (the
-    response, or the whole sequence for a sequence NLL). Logits are shifted:
-    position ``t - 1`` predicts token ``t``, so ``mask[:, 0]`` is never used.
-
-    Returns ``(logps, counts)``: the sum (``average=False``) or mean over the
-    masked tokens, and the token counts. A row with no masked token gets logp 0
-    and count 0 (no NaN); exclude it from a loss with ``valid=counts > 0``.
-    """
-    lp = token_logps(logits[:, :-1], labels[:, 1:])
-    keep = mask[:, 1:].bool()
-    total = torch.where(keep, lp, torch.zeros_like(lp)).sum(-1)
-    counts = keep.sum(-1)
-    if average:
-        total = total / counts.clamp(min=1)
-    return total, counts
-
-
 def _weights(like: Tensor, valid: Tensor | None) -> Tensor:
     """1.0 for rows that count, 0.0 for the others."""
     if valid is None:

@@ -12,7 +12,6 @@ from mint_ray.losses import (
     dpo_loss,
     log1mexp,
     orpo_loss,
-    sequence_logps,
     sft_loss,
     simpo_loss,
     token_logps,
@@ -120,36 +119,6 @@ def test_orpo_with_logp_exactly_zero_is_finite() -> None:
     assert all(torch.isfinite(v) for v in metrics.values())
 
 
-def _ref_sequence_logps(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
-                        ) -> list[tuple[float, int]]:
-    out = []
-    for row in range(logits.shape[0]):
-        total, n = 0.0, 0
-        for t in range(1, logits.shape[1]):
-            if mask[row, t]:
-                row_logits = [float(v) for v in logits[row, t - 1].double()]
-                lse = math.log(sum(math.exp(v) for v in row_logits))
-                total += row_logits[int(labels[row, t])] - lse
-                n += 1
-        out.append((total, n))
-    return out
-
-
-def test_sequence_logps_shifted_masked_fp32() -> None:
-    torch.manual_seed(0)
-    logits = torch.randn(3, 6, 11)
-    labels = torch.randint(0, 11, (3, 6))
-    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]])
-    sums, counts = sequence_logps(logits, labels, mask, average=False)
-    means, _ = sequence_logps(logits, labels, mask)
-    for row, (total, n) in enumerate(_ref_sequence_logps(logits, labels, mask)):
-        assert counts[row].item() == n
-        assert sums[row].item() == pytest.approx(total, rel=1e-5, abs=1e-6)
-        assert means[row].item() == pytest.approx(total / n if n else 0.0, rel=1e-5, abs=1e-6)
-    half, _ = sequence_logps(logits.bfloat16(), labels, mask)
-    assert half.dtype == torch.float32
-
-
 def test_token_logps_equals_log_softmax() -> None:
     torch.manual_seed(1)
     logits = torch.randn(2, 4, 9)
@@ -165,7 +134,9 @@ def test_all_masked_rows_are_excluded_without_nan() -> None:
     mask = torch.ones(6, 5, dtype=torch.long)
     mask[2] = 0  # chosen of pair 2 has no response token
     mask[5] = 0  # rejected of pair 2 too (rows 3..5 are the rejected ones)
-    logps, counts = sequence_logps(logits, labels, mask)
+    keep = mask[:, 1:].bool()
+    counts = keep.sum(-1)
+    logps = torch.where(keep, token_logps(logits[:, :-1], labels[:, 1:]), 0.0).sum(-1) / counts.clamp(min=1)
     c, r = logps[:3], logps[3:]
     valid = (counts[:3] > 0) & (counts[3:] > 0)
     assert logps[2].item() == 0.0 and counts[2].item() == 0
