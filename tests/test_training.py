@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 
 from mint_ray import storage
 from mint_ray.config import load_config
-from mint_ray.errors import ConfigError
+from mint_ray.errors import ConfigError, MintError
 from mint_ray.students import model_class
+from mint_ray.tasks import RARE_DISEASE, TISSUE_TYPE
 from mint_ray.training import run as train_stage
 from mint_ray.training.config import Config
 from mint_ray.training.worker import EXPORT_CHECK
@@ -169,6 +170,7 @@ def test_other_objectives_run(tmp_path: Path, objective: str) -> None:
     (["deepspeed.zero_stage=4"], "deepspeed.zero_stage"),
     (["optim.global_batch_size=7"], "does not equal"),
     (["model.kind=mllama"], "rare_disease is text-only"),
+    (["data.target=ground_truth"], "data.target=ground_truth is an SFT target but objective=orpo"),
 ])
 def test_contradictory_configs_fail_before_workers(tmp_path: Path, overrides: list[str], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
@@ -191,18 +193,146 @@ def test_preflight_errors_name_the_field(tmp_path: Path) -> None:
         train_stage.run(cfg)
 
 
-def test_training_reads_only_its_splits(tmp_path: Path) -> None:
+def mixed_prefs(tmp_path: Path, splits: list[str], unlabelled: frozenset[int] = frozenset()) -> str:
+    """``write_text_prefs`` rows (ids s0, s1...) in these splits, one a row; the rows in
+    ``unlabelled`` have no label (cases only the teacher labelled)."""
     import pyarrow as pa
 
+    manifest = write_text_prefs(str(tmp_path / "prefs"), len(splits))
+    table = storage.read_dataset(str(tmp_path / "prefs"))
+    labels = [None if i in unlabelled else label for i, label in enumerate(table["label"].to_pylist())]
+    table = table.set_column(table.schema.get_field_index("split"), "split", pa.array(splits))
+    table = table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels, pa.string()))
+    storage.write_dataset(str(tmp_path / "mixed"), table, overwrite=True, meta=manifest.meta)
+    return str(tmp_path / "mixed")
+
+
+def test_training_reads_only_its_splits(tmp_path: Path) -> None:
     from mint_ray.training.config import DataConfig
     from mint_ray.training.data import training_rows
 
-    write_text_prefs(str(tmp_path / "prefs"), 6)
-    table = storage.read_dataset(str(tmp_path / "prefs"))
-    split = pa.array(["train", "train", "validation", "test", "test", "train"])
-    storage.write_dataset(str(tmp_path / "mixed"), table.set_column(table.schema.get_field_index("split"),
-                                                                    "split", split))
+    mixed_prefs(tmp_path, ["train", "train", "validation", "test", "test", "train"])
     rows = training_rows(DataConfig(uri=str(tmp_path / "mixed")))
     assert sorted(r["sample_id"] for r in rows) == ["s0", "s1", "s5"]
     held_out = training_rows(DataConfig(uri=str(tmp_path / "mixed"), splits=["test"]), columns=["prompt"])
     assert len(held_out) == 2 and "chosen" not in held_out[0]
+
+
+# ---------------------------------------------------------------- per-run data: filter and target
+
+
+@pytest.mark.parametrize(("task", "label", "expected"), [
+    (RARE_DISEASE, "Marfan syndrome", "POTENTIAL_DISEASES:\n1. 'Marfan syndrome'"),
+    (RARE_DISEASE, "Trisomy 21; Down syndrome", "POTENTIAL_DISEASES:\n1. 'Trisomy 21'"),
+    (TISSUE_TYPE, "Head & Neck", "MOST_LIKELY_TISSUE:\n1. Head & Neck"),
+])
+def test_ground_truth_target_is_the_truth_alone_in_the_task_format(task, label: str, expected: str) -> None:
+    from mint_ray.training.data import ground_truth_answer
+
+    message = ground_truth_answer(task, label)
+    assert message == task.answer_message([expected.splitlines()[1][3:].strip("'")])
+    text = message[0]["content"] if task.modality == "text" else message[0]["content"][0]["text"]
+    assert text == expected
+    parsed = task.parse_answer(text)
+    assert parsed.parseable and parsed.items == [expected.splitlines()[1][3:].strip("'")]
+    with pytest.raises(ValueError, match="names no truth"):
+        ground_truth_answer(task, " ; ")
+
+
+def test_select_rows_filters_and_targets_and_counts_what_it_leaves_out() -> None:
+    from mint_ray.training.config import DataConfig
+    from mint_ray.training.data import has_ground_truth, select_rows
+
+    teacher = RARE_DISEASE.answer_message(["Syndrome A0", "Syndrome B1"])
+    rows = [{"sample_id": f"s{i}", "label": label, "chosen": teacher, "rejected": ["r"]}
+            for i, label in enumerate(["Syndrome B1", None, " ", "Syndrome C2"])]
+    assert [has_ground_truth(r["label"]) for r in rows] == [True, False, False, True]
+
+    chosen = select_rows(rows, DataConfig(uri="/d"), RARE_DISEASE)
+    assert (len(chosen.rows), chosen.left_out) == (4, {}) and chosen.rows[0]["chosen"] == teacher
+    labelled = select_rows(rows, DataConfig(uri="/d", filter="with_ground_truth"), RARE_DISEASE)
+    assert [r["sample_id"] for r in labelled.rows] == ["s0", "s3"]
+    assert labelled.left_out == {"filtered_no_ground_truth": 2} and labelled.rows[1]["chosen"] == teacher
+
+    truth = select_rows(rows, DataConfig(uri="/d", target="ground_truth"), RARE_DISEASE)
+    assert [r["chosen"] for r in truth.rows] == [RARE_DISEASE.answer_message(["Syndrome B1"]),
+                                                 RARE_DISEASE.answer_message(["Syndrome C2"])]
+    assert truth.rows[0]["rejected"] == ["r"] and rows[0]["chosen"] == teacher  # inputs untouched
+    assert truth.as_metrics() == {"rows_in_splits": 4, "rows_selected": 2,
+                                  "left_out_filtered_no_ground_truth": 0, "left_out_no_ground_truth": 2}
+    assert "left out: no_ground_truth 2" in truth.summary()
+
+
+def test_training_rows_of_the_labelled_cases_with_their_truth(tmp_path: Path) -> None:
+    from mint_ray.errors import MintError
+    from mint_ray.training.config import DataConfig
+    from mint_ray.training.data import read_selection, training_rows
+
+    uri = mixed_prefs(tmp_path, ["train", "train", "validation", "validation", "test"], frozenset({2, 3}))
+    table = storage.read_dataset(uri)
+    labels = dict(zip(table["sample_id"].to_pylist(), table["label"].to_pylist(), strict=True))
+    lu = DataConfig(uri=uri, splits=["train", "validation"], target="ground_truth")
+    selection = read_selection(lu)
+    assert [r["sample_id"] for r in selection.rows] == ["s0", "s1"]   # U has no label to teach
+    assert selection.left_out == {"no_ground_truth": 2}
+    assert all(r["chosen"] == RARE_DISEASE.answer_message([labels[r["sample_id"]]]) for r in selection.rows)
+    # The teacher's chosen lists over L + U, and only the split and label columns when asked.
+    assert len(training_rows(DataConfig(uri=uri, splits=["train", "validation"]))) == 4
+    narrow = training_rows(lu.model_copy(update={"filter": "with_ground_truth"}), columns=["split"])
+    assert len(narrow) == 2 and "chosen" not in narrow[0]
+    storage.write_dataset(str(tmp_path / "notask"), table, overwrite=True)
+    with pytest.raises(MintError, match="manifest names no task"):
+        training_rows(DataConfig(uri=str(tmp_path / "notask"), target="ground_truth"))
+    with pytest.raises(MintError, match="no label column"):
+        storage.write_dataset(str(tmp_path / "nolabel"), table.drop_columns(["label"]), overwrite=True)
+        training_rows(DataConfig(uri=str(tmp_path / "nolabel"), filter="with_ground_truth"))
+
+
+def test_scheduled_tokens_follow_the_worker_schedule() -> None:
+    from mint_ray.training.batching import EncodedPair, collate_pairs
+    from mint_ray.training.budget import pair_tokens, scheduled_tokens
+
+    pairs = [EncodedPair([1] * 5, [2] * (i + 1), [3] * 2, sample_id=f"s{i}") for i in range(10)]
+    # Counted as the worker counts a batch.
+    assert sum(pair_tokens(p) for p in pairs[:3]) == collate_pairs(pairs[:3], 0).num_tokens()
+    same = [EncodedPair([1] * 5, [2] * 3, [3] * 2)] * 10
+    # 2 ranks x 5 pairs, 2 pairs a step: 2 steps an epoch (a pair left over); step 3 starts epoch 2.
+    assert scheduled_tokens(same, 2, world=2, micro_batch=2, accumulation=1, seed=0) == 8 * 10
+    assert scheduled_tokens(same, 3, world=2, micro_batch=1, accumulation=2, seed=0) == 12 * 10
+    assert scheduled_tokens(same, 0, world=2, micro_batch=2, accumulation=1, seed=0) == 0
+    # One epoch on one rank goes through every pair once.
+    assert scheduled_tokens(pairs, 5, world=1, micro_batch=2, accumulation=1, seed=3) == \
+        sum(pair_tokens(p) for p in pairs)
+
+
+def test_sft_on_the_ground_truth_of_the_labelled_cases_is_tagged_as_it_ran(tmp_path: Path) -> None:
+    from mint_ray.model_folders import read_metadata
+    from mint_ray.students import load_tokenizer_and_processor
+    from mint_ray.training.batching import encode_rows
+    from mint_ray.training.budget import pair_tokens, trained_tokens
+    from mint_ray.training.data import training_rows
+
+    uri = mixed_prefs(tmp_path, ["train"] * 4 + ["validation"] * 4 + ["test"] * 2, frozenset({4, 5, 6, 7}))
+    cfg = _config(tmp_path, uri, "objective=sft", "data.splits=[train, validation]", "data.target=ground_truth",
+                  "data.filter=with_ground_truth", "optim.max_steps=2", "deepspeed.zero_stage=2",
+                  "scaling.num_workers=1", "registry.enabled=false")
+    summary = train_stage.run(cfg)
+    assert summary["data_selection"] == {"rows_in_splits": 8, "rows_selected": 4,
+                                         "left_out_filtered_no_ground_truth": 4, "left_out_no_ground_truth": 0}
+    assert summary["training"]["steps"] == 2 and summary["training"]["data"]["rows_in"] == 4
+    tags = mlflow.MlflowClient().get_run(summary["mlflow_run_id"]).data.tags
+    # loss.nll_over (default sequence) is ORPO's; an SFT run's NLL span is sft_nll_over.
+    assert (tags["mint.nll_over"], cfg.loss.nll_over) == ("response", "sequence")
+    assert (tags["mint.data.target"], tags["mint.data.filter"], tags["mint.data.splits"]) == \
+        ("ground_truth", "with_ground_truth", "train,validation")
+    meta = read_metadata(summary["model_uri"])
+    assert (meta["data_target"], meta["data_splits"], meta["nll_over"]) == \
+        ("ground_truth", ["train", "validation"], "response")
+    # 2 steps of 2 pairs on one rank: one epoch, each of the 4 labelled cases once.
+    tokenizer, _ = load_tokenizer_and_processor(summary["model_uri"], "causal_lm")
+    pairs, _ = encode_rows(training_rows(cfg.data), tokenizer, cfg.batching)
+    assert len(pairs) == 4
+    assert trained_tokens(cfg, summary["model_uri"], 2, 1) == sum(pair_tokens(p) for p in pairs)
+    unlabelled = cfg.data.model_copy(update={"splits": ["validation"]})
+    with pytest.raises(MintError, match="no rows to train on"):
+        train_stage.check_rows(cfg.model_copy(update={"data": unlabelled}))

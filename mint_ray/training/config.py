@@ -56,8 +56,16 @@ class LossConfig(StrictModel):
 
 
 class DataConfig(StrictModel):
+    """Which rows of a preference dataset a run trains on, and which answer it is taught
+    (see ``training.data``: rows left out are counted with their reason)."""
+
     uri: str  # a preference dataset (local or s3://) written by `mint-ray preferences`
     splits: list[str] = Field(default_factory=lambda: ["train"], min_length=1)
+    # chosen: the teacher's chosen list (MINT and its preference baselines);
+    # ground_truth: the case's label in the task's answer format (SFT on the truth).
+    target: Literal["chosen", "ground_truth"] = "chosen"
+    # with_ground_truth: only the rows whose case has a label (the labelled cases).
+    filter: Literal["all", "with_ground_truth"] = "all"
 
 
 class WorkerScalingConfig(StrictModel):
@@ -113,6 +121,10 @@ class Config(StrictModel):
             # model must be named explicitly, since it doubles parameter memory.
             raise ValueError("objective dpo with full fine-tuning needs model.reference_path "
                              "(a frozen reference checkpoint), or enable model.lora")
+        if self.data.target == "ground_truth" and self.objective != "sft":
+            # The truth alone is an SFT target; a preference needs a rejected answer beside it.
+            raise ValueError(f"data.target=ground_truth is an SFT target but objective={self.objective}: "
+                             "set objective=sft, or data.target=chosen for the teacher's pairs")
         opt = self.optim
         if opt.global_batch_size is not None:
             per_step = opt.micro_batch_size * opt.gradient_accumulation_steps * self.scaling.num_workers

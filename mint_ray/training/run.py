@@ -20,7 +20,7 @@ from mint_ray.ray_cluster import init_ray
 from mint_ray.registry import log_student
 from mint_ray.tasks import get_task
 from mint_ray.training.config import Config
-from mint_ray.training.data import training_rows
+from mint_ray.training.data import Selection, read_selection, training_rows
 
 CLI_FLAGS = {"task": "task", "objective": "objective", "data": "data.uri", "out": "output_uri",
              "workers": "scaling.num_workers", "max-steps": "optim.max_steps"}
@@ -37,6 +37,20 @@ def preflight(cfg: Config) -> storage.Manifest:
         raise ConfigError("model.kind=mllama needs images but data.uri has no image_uri column "
                           "(a text-only preference set): use model.kind=causal_lm")
     return manifest
+
+
+def check_rows(cfg: Config) -> Selection:
+    """The rows ``cfg.data`` selects (splits, filter, target), refused when none is left;
+    rows left out are said, with their reason."""
+    # Reading ``chosen`` also writes the ground-truth answers: a target that cannot be
+    # written (no task in the manifest, no label column) fails here, not in a worker.
+    selection = read_selection(cfg.data, columns=["split", "chosen"])
+    if not selection.rows:
+        raise MintError(f"{cfg.data.uri} has no rows to train on ({selection.summary()}): check data.splits "
+                        f"{cfg.data.splits}, data.filter and data.target")
+    if selection.left_out:
+        print(f"[train] data: {selection.summary()}", flush=True)
+    return selection
 
 
 def check_model(cfg: Config, base_uri: str) -> None:
@@ -75,6 +89,7 @@ def run(cfg: Config) -> dict[str, Any]:
     t0 = time.time()
     cfg = with_absolute_paths(cfg)
     manifest = preflight(cfg)
+    selection = check_rows(cfg)
     output_uri = cfg.output_uri or storage.join(cfg.storage.root, "students", cfg.name)
     model_uri = storage.join(output_uri, "model")
     if storage.exists(storage.join(model_uri, "config.json")) and not cfg.storage.overwrite:
@@ -85,7 +100,8 @@ def run(cfg: Config) -> dict[str, Any]:
     check_model(cfg, base_uri)
     base_name = cfg.model.path or f"tiny-{cfg.model.kind}"
     metadata = {"task": cfg.task, "kind": cfg.model.kind, "objective": cfg.objective,
-                "base_model": base_name, "data_uri": cfg.data.uri,
+                "base_model": base_name, "data_uri": cfg.data.uri, "data_splits": cfg.data.splits,
+                "data_target": cfg.data.target, "data_filter": cfg.data.filter,
                 "data_content_hash": manifest.content_hash,
                 "teacher": manifest.meta.get("teacher", {}),
                 # The prompt the pairs were written with (datasets from before it was
@@ -99,7 +115,10 @@ def run(cfg: Config) -> dict[str, Any]:
         run_.set_tags({"mint.objective": cfg.objective, "mint.base_model": base_name,
                        "mint.teacher": str(manifest.meta.get("teacher", {}).get("name", "")),
                        "mint.teacher_version": str(manifest.meta.get("teacher", {}).get("version", "")),
-                       "mint.nll_over": cfg.loss.nll_over})
+                       # What ran: an SFT run's NLL span is loss.sft_nll_over.
+                       "mint.nll_over": metadata["nll_over"], "mint.data.target": cfg.data.target,
+                       "mint.data.filter": cfg.data.filter, "mint.data.splits": ",".join(cfg.data.splits)})
+        run_.log_dict(selection.as_metrics(), "data_selection.json")
         loop_config = {"config": cfg.model_dump(mode="json"), "base_uri": base_uri,
                        "model_uri": model_uri, "metadata": metadata, "run_id": run_.run_id,
                        "tracking_uri": run_.tracking_uri}
@@ -132,7 +151,8 @@ def run(cfg: Config) -> dict[str, Any]:
                 "code_version": metadata["code_version"]})
     summary = {"model_uri": model_uri, "checkpoint": result.checkpoint.path if result.checkpoint else None,
                "registered": registered, "mlflow_run_id": run_.run_id,
-               "seconds": round(time.time() - t0, 1), "training": training}
+               "seconds": round(time.time() - t0, 1), "training": training,
+               "data_selection": selection.as_metrics()}
     print(f"[train] done in {summary['seconds']}s: {model_uri}", flush=True)
     return summary
 
