@@ -26,6 +26,18 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The node-local model cache of this test session (Ray workers inherit it), not ~/.cache."""
+    saved = os.environ.get("MINT_RAY_CACHE")
+    os.environ["MINT_RAY_CACHE"] = str(tmp_path_factory.mktemp("model-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("MINT_RAY_CACHE", None)
+    else:
+        os.environ["MINT_RAY_CACHE"] = saved
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _isolate_mlflow_uri() -> Iterator[None]:
     """``mlflow.set_tracking_uri`` also sets ``MLFLOW_TRACKING_URI`` in the environment;
