@@ -71,9 +71,10 @@ def open_rgb(data: bytes, limits: ImageLimits) -> Image.Image:
             return image.convert("RGB")
     except ImageRejected:
         raise
-    except Image.DecompressionBombError as err:
-        raise ImageRejected(TOO_MANY_PIXELS, f"over max_image_pixels {limits.max_pixels}"
-                                             f" ({str(err).split(',')[0]})") from None
+    except Image.DecompressionBombError:
+        # PIL refuses headers over twice its own limit before we can read the size.
+        raise ImageRejected(TOO_MANY_PIXELS, f"the header declares over {2 * Image.MAX_IMAGE_PIXELS} pixels "
+                                             f"> max_image_pixels {limits.max_pixels}") from None
     except UnidentifiedImageError:
         raise ImageRejected(CORRUPT, "not a recognised image format") from None
     except (OSError, SyntaxError, ValueError) as err:
