@@ -219,7 +219,7 @@ def main() -> int:
     from ray import serve
 
     from mint_ray.registry import log_student
-    from mint_ray.serving_app import BatchingConfig, DeploymentConfig, ServeConfig
+    from mint_ray.serving.config import DeploymentConfig, RequestBatchingConfig, ServeConfig
     from tests.tinymodels import make_student_dir
 
     port = args.port or free_port()
@@ -235,7 +235,7 @@ def main() -> int:
         ray.init(address="local", num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         cfg = ServeConfig(model_uri="models:/bench-text@champion", task="rare_disease", tracking_uri=tracking,
-                          max_new_tokens=args.max_new_tokens, batching=BatchingConfig(max_batch_size=1),
+                          max_new_tokens=args.max_new_tokens, batching=RequestBatchingConfig(max_batch_size=1),
                           deployment=DeploymentConfig(num_cpus=0.5, max_ongoing_requests=2 * args.batch_size))
         rows: list[dict[str, Any]] = []
         fault: dict[str, Any] = {}

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
@@ -59,132 +59,20 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mint_ray import storage
-from mint_ray.config import RayConfig, StrictModel
+from mint_ray.config import RayConfig
 from mint_ray.errors import MintError
 from mint_ray.metrics import THRESHOLD, normalise, synonyms
 from mint_ray.registry import parse_models_uri
+from mint_ray.serving.config import Config, HttpConfig, RequestBatchingConfig, RequestLimitsConfig, ServeConfig
 from mint_ray.tasks import TASKS, TISSUE_TYPE, TISSUE_TYPES, Task, get_task
 
 DEPLOYMENT_NAME = "MintStudent"
 # Probes (Kubernetes, load balancers) carry no key.
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,",
                        re.IGNORECASE)
 # Serve routes the "ray.serve" logger into the replica's log file.
 log = logging.getLogger("ray.serve")
-
-
-# ============================================================== config
-
-
-class LimitsConfig(StrictModel):
-    """What one request may carry. Bigger requests are refused with a 4xx, never truncated."""
-
-    max_body_bytes: int = Field(8 * 2**20, gt=0)
-    max_note_chars: int = Field(20_000, gt=0)
-    max_image_bytes: int = Field(5 * 2**20, gt=0)
-    # Checked on the header before any pixel is decoded (decompression bombs).
-    max_image_pixels: int = Field(4096 * 4096, gt=0)
-    image_formats: list[str] = Field(default_factory=lambda: ["PNG", "JPEG"], min_length=1)
-    max_top_k: int = Field(20, gt=0)
-
-    @field_validator("image_formats")
-    @classmethod
-    def _upper(cls, formats: list[str]) -> list[str]:
-        return [f.upper() for f in formats]
-
-
-class BatchingConfig(StrictModel):
-    """``@serve.batch`` settings; ``max_batch_size: 1`` turns batching off.
-
-    ``batch_wait_timeout_s`` is how long a batch waits to fill after its first request:
-    added latency at low load, fuller (cheaper per answer) batches under load.
-    """
-
-    max_batch_size: int = Field(8, ge=1)
-    batch_wait_timeout_s: float = Field(0.05, ge=0)
-
-
-class AutoscalingConfig(StrictModel):
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(2, ge=1)
-    target_ongoing_requests: float = Field(8, gt=0)
-
-
-class DeploymentConfig(StrictModel):
-    """Replicas and their resources. ``autoscaling`` replaces ``num_replicas`` when set."""
-
-    num_replicas: int = Field(1, ge=1)
-    autoscaling: AutoscalingConfig | None = None
-    num_cpus: float = Field(0.5, ge=0)
-    num_gpus: float = Field(0, ge=0)
-    # Serve's default (5) would cap a batch at 5 requests per replica.
-    max_ongoing_requests: int = Field(32, ge=1)
-    # -1: unbounded; a bound turns overload into 503s instead of growing latency.
-    max_queued_requests: int = Field(-1, ge=-1)
-
-
-class ServeConfig(StrictModel):
-    """One Serve application: the ``args`` of ``serving.app:build_app``."""
-
-    model_uri: str = Field(min_length=1)
-    # When set, the model's mint_model.json must name this task (a guard against
-    # serving the wrong model under a route).
-    task: str | None = None
-    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI
-    # How often a replica serving an alias asks the registry where it points; 0: never.
-    alias_poll_s: float = Field(30, ge=0)
-    max_new_tokens: int | None = Field(None, gt=0)  # None: the task's paper setting
-    # The NAME of the environment variable holding the key (never the key itself).
-    api_key_env: str | None = None
-    cors_origins: list[str] = Field(default_factory=list)  # empty: no CORS headers
-    # A dataset whose manifest meta has ``label_catalog`` (or synth's ``labels``):
-    # [{"name", "id"}]. None: the tissue ids, or the model's lineage (its preference
-    # data's cohort) when that is readable.
-    label_catalog_uri: str | None = None
-    limits: LimitsConfig = Field(default_factory=LimitsConfig)
-    batching: BatchingConfig = Field(default_factory=BatchingConfig)
-    deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
-
-    @field_validator("task")
-    @classmethod
-    def _known_task(cls, task: str | None) -> str | None:
-        if task is not None and task not in TASKS:
-            raise ValueError(f"unknown task {task!r}: choose one of {', '.join(sorted(TASKS))}")
-        return task
-
-    @field_validator("api_key_env")
-    @classmethod
-    def _env_name(cls, name: str | None) -> str | None:
-        if name is not None and not _ENV_NAME.match(name):
-            raise ValueError("api_key_env is the name of an environment variable (e.g. MINT_API_KEY), "
-                             "not the key itself")
-        return name
-
-
-class HttpConfig(StrictModel):
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-
-
-class Config(StrictModel):
-    """``mint-ray serve``: one application on a local (or attached) Ray cluster."""
-
-    app: ServeConfig
-    http: HttpConfig = Field(default_factory=HttpConfig)
-    ray: RayConfig = Field(default_factory=RayConfig)
-    name: str = "mint"
-    route_prefix: str = "/"
-    # Block until Ctrl-C (an in-process cluster dies with this process); false
-    # returns once the application is up (with ray.address, it keeps running).
-    wait: bool = True
-
-    @model_validator(mode="after")
-    def _prefix(self) -> Config:
-        if not self.route_prefix.startswith("/"):
-            raise ValueError(f"route_prefix must start with '/' (got {self.route_prefix!r})")
-        return self
 
 
 CLI_FLAGS = {"model-uri": "app.model_uri", "task": "app.task", "tracking-uri": "app.tracking_uri",
@@ -308,7 +196,7 @@ def parse_json(body: bytes, model: type[BaseModel]) -> Any:
                            details) from None
 
 
-def decode_base64(text: str, limits: LimitsConfig, param: str = "image") -> bytes:
+def decode_base64(text: str, limits: RequestLimitsConfig, param: str = "image") -> bytes:
     """Base64 or a ``data:`` URL -> bytes, bounded by ``max_image_bytes`` before decoding."""
     text = text.strip()
     if text.startswith("data:"):
@@ -327,7 +215,7 @@ def decode_base64(text: str, limits: LimitsConfig, param: str = "image") -> byte
         raise RequestError(400, "invalid_image", f"{param} is not valid base64", param) from None
 
 
-def decode_image(data: bytes, limits: LimitsConfig, param: str = "image") -> Image.Image:
+def decode_image(data: bytes, limits: RequestLimitsConfig, param: str = "image") -> Image.Image:
     """Image bytes -> an RGB PIL image, refusing oversized files, formats outside the
     allowed list, and images with too many pixels *before* their pixels are decoded."""
     if len(data) > limits.max_image_bytes:
@@ -718,7 +606,7 @@ class MintStudent:
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """``user_config`` carries the batching settings; Serve calls this on start and on
         every change, without restarting the replica."""
-        batching = BatchingConfig.model_validate(user_config or {})
+        batching = RequestBatchingConfig.model_validate(user_config or {})
         self._generate.set_max_batch_size(batching.max_batch_size)
         self._generate.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
 
@@ -788,7 +676,7 @@ class MintStudent:
         return await self._generate(job)
 
 
-async def _form_inputs(request: Request, limits: LimitsConfig) -> tuple[dict[str, Any], bytes | str | None]:
+async def _form_inputs(request: Request, limits: RequestLimitsConfig) -> tuple[dict[str, Any], bytes | str | None]:
     """Multipart fields (``task``, ``top_k``, ``note``) and the ``image`` file (or base64 field)."""
     try:
         form = await request.form(max_files=1, max_fields=8, max_part_size=limits.max_note_chars * 4 + 1024)

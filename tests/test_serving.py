@@ -23,14 +23,12 @@ import pytest
 from PIL import Image
 
 from mint_ray import storage
-from mint_ray.errors import ConfigError
+from mint_ray.serving.config import RequestLimitsConfig, ServeConfig
 from mint_ray.serving_app import (
     ChatRequest,
     LabelIds,
-    LimitsConfig,
     PredictRequest,
     RequestError,
-    ServeConfig,
     chat_inputs,
     check_task,
     decode_base64,
@@ -46,8 +44,8 @@ from tests.conftest import free_port
 
 KEY_ENV = "MINT_TEST_SERVE_KEY"
 KEY = f"k-{uuid.uuid4().hex}"
-SMALL = LimitsConfig(max_body_bytes=2**20, max_note_chars=2000, max_image_bytes=200_000,
-                     max_image_pixels=512 * 512, max_top_k=10)
+SMALL = RequestLimitsConfig(max_body_bytes=2**20, max_note_chars=2000, max_image_bytes=200_000,
+                            max_image_pixels=512 * 512, max_top_k=10)
 
 
 def png(size: tuple[int, int] = (64, 64), mode: str = "RGB", noise: bool = False, fmt: str = "PNG") -> bytes:
@@ -168,35 +166,11 @@ def test_label_catalog_follows_the_lineage(tmp_path: Path) -> None:
     assert label_catalog(TISSUE_TYPE, {}, None)["Head & Neck"] == "head_neck"
 
 
-def test_model_uris_and_config() -> None:
+def test_model_uris() -> None:
     assert parse_model_uri("models:/m@champion").alias == "champion"
     ref = parse_model_uri("models:/m/3")
     assert (ref.name, ref.version, ref.alias) == ("m", "3", None)
     assert parse_model_uri("s3://b/students/x/model/").name == "model"
-    from mint_ray.config import build_config
-
-    with pytest.raises(ConfigError, match="name of an environment variable"):
-        build_config(ServeConfig, {"model_uri": "x", "api_key_env": "sk-123-secret"})
-    with pytest.raises(ConfigError, match=r"unknown key 'limits\.max_body'"):
-        build_config(ServeConfig, {"model_uri": "x", "limits": {"max_body": 1}})
-    with pytest.raises(ConfigError, match="unknown task"):
-        build_config(ServeConfig, {"model_uri": "x", "task": "cardiology"})
-
-
-def test_shipped_serve_configs_are_valid_serve_configs() -> None:
-    import yaml
-
-    from mint_ray.config import build_config
-
-    repo = Path(__file__).resolve().parents[1]
-    local = yaml.safe_load((repo / "serving" / "config.yaml").read_text())
-    service = yaml.safe_load((repo / "cluster" / "kubernetes" / "rayservice.yaml").read_text())
-    cluster = yaml.safe_load(service["spec"]["serveConfigV2"])
-    for config in (local, cluster):
-        for app in config["applications"]:
-            cfg = build_config(ServeConfig, app["args"])
-            assert cfg.model_uri.startswith("models:/") and "@" in cfg.model_uri
-            assert [d["name"] for d in app.get("deployments", [])] in ([], ["MintStudent"])
 
 
 # ============================================================== live Serve

@@ -1,0 +1,126 @@
+"""What a served application and ``mint-ray serve`` are configured with.
+
+``ServeConfig`` is an application's ``args`` (``serving/config.yaml``); the YAML
+keys are the field names. Unknown keys are an error, as in every stage.
+"""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import Field, field_validator, model_validator
+
+from mint_ray.config import RayConfig, StrictModel
+from mint_ray.images import ALLOWED_FORMATS, ImageLimits
+from mint_ray.tasks import TASKS
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class RequestLimitsConfig(StrictModel):
+    """What one request may carry. Bigger requests are refused with a 4xx, never truncated."""
+
+    max_body_bytes: int = Field(8 * 2**20, gt=0)
+    max_note_chars: int = Field(20_000, gt=0)
+    max_image_bytes: int = Field(ImageLimits.max_bytes, gt=0)
+    # Checked on the header before any pixel is decoded (decompression bombs).
+    max_image_pixels: int = Field(ImageLimits.max_pixels, gt=0)
+    image_formats: list[str] = Field(default_factory=lambda: list(ALLOWED_FORMATS), min_length=1)
+    max_top_k: int = Field(20, gt=0)
+
+    @field_validator("image_formats")
+    @classmethod
+    def _upper(cls, formats: list[str]) -> list[str]:
+        return [f.upper() for f in formats]
+
+
+class RequestBatchingConfig(StrictModel):
+    """``@serve.batch`` settings; ``max_batch_size: 1`` turns batching off.
+
+    ``batch_wait_timeout_s`` is how long a batch waits to fill after its first request:
+    added latency at low load, fuller (cheaper per answer) batches under load.
+    """
+
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.05, ge=0)
+
+
+class AutoscalingConfig(StrictModel):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(8, gt=0)
+
+
+class DeploymentConfig(StrictModel):
+    """Replicas and their resources. ``autoscaling`` replaces ``num_replicas`` when set."""
+
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: AutoscalingConfig | None = None
+    num_cpus: float = Field(0.5, ge=0)
+    num_gpus: float = Field(0, ge=0)
+    # Serve's default (5) would cap a batch at 5 requests per replica.
+    max_ongoing_requests: int = Field(32, ge=1)
+    # -1: unbounded; a bound turns overload into 503s instead of growing latency.
+    max_queued_requests: int = Field(-1, ge=-1)
+
+
+class ServeConfig(StrictModel):
+    """One Serve application: the ``args`` of ``mint_ray.serving.app:build_app``."""
+
+    model_uri: str = Field(min_length=1)
+    # When set, the model's mint_model.json must name this task (a guard against
+    # serving the wrong model under a route).
+    task: str | None = None
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI
+    # How often a replica serving an alias asks the registry where it points; 0: never.
+    alias_poll_s: float = Field(30, ge=0)
+    max_new_tokens: int | None = Field(None, gt=0)  # None: the task's paper setting
+    # The NAME of the environment variable holding the key (never the key itself).
+    api_key_env: str | None = None
+    cors_origins: list[str] = Field(default_factory=list)  # empty: no CORS headers
+    # A dataset whose manifest meta has ``label_catalog`` (or synth's ``labels``):
+    # [{"name", "id"}]. None: the tissue ids, or the model's lineage (its preference
+    # data's cohort) when that is readable.
+    label_catalog_uri: str | None = None
+    limits: RequestLimitsConfig = Field(default_factory=RequestLimitsConfig)
+    batching: RequestBatchingConfig = Field(default_factory=RequestBatchingConfig)
+    deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, task: str | None) -> str | None:
+        if task is not None and task not in TASKS:
+            raise ValueError(f"unknown task {task!r}: choose one of {', '.join(sorted(TASKS))}")
+        return task
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, name: str | None) -> str | None:
+        if name is not None and not _ENV_NAME.match(name):
+            raise ValueError("api_key_env is the name of an environment variable (e.g. MINT_API_KEY), "
+                             "not the key itself")
+        return name
+
+
+class HttpConfig(StrictModel):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+
+class Config(StrictModel):
+    """``mint-ray serve``: one application on a local (or attached) Ray cluster."""
+
+    app: ServeConfig
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    name: str = "mint"
+    route_prefix: str = "/"
+    # Block until Ctrl-C (an in-process cluster dies with this process); false
+    # returns once the application is up (with ray.address, it keeps running).
+    wait: bool = True
+
+    @model_validator(mode="after")
+    def _prefix(self) -> Config:
+        if not self.route_prefix.startswith("/"):
+            raise ValueError(f"route_prefix must start with '/' (got {self.route_prefix!r})")
+        return self
