@@ -294,10 +294,10 @@ def _register_with_zero3(head: torch.nn.Module) -> None:
     params = [p for p in params if p is not None and hasattr(p, "ds_id")]
     if not params:
         return
-    from deepspeed.zero import register_external_parameter
+    import deepspeed
 
     for p in params:
-        register_external_parameter(head, p)
+        deepspeed.zero.register_external_parameter(head, p)
 
 
 @contextmanager
