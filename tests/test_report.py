@@ -10,7 +10,9 @@ from PIL import Image
 
 from mint_ray.errors import MintError
 from mint_ray.evaluation import (
+    ArmTraining,
     bar_chart_png,
+    budget_marks,
     metrics_markdown,
     metrics_table,
     per_label_table,
@@ -20,6 +22,7 @@ from mint_ray.evaluation import (
     summary_dict,
     to_csv,
     to_markdown,
+    training_table,
     write_report,
 )
 from mint_ray.tasks import RARE_DISEASE, TISSUE_TYPE
@@ -169,6 +172,49 @@ def test_render_and_write_report(tmp_path):
     assert summary["orpo"]["top1"] == pytest.approx(0.5)
     assert summary == json.loads(json.dumps(summary_dict(report.summaries)))
     assert "Warning" not in md
+
+
+def arm_trainings() -> list[ArmTraining]:
+    """A comparison's arms as trained: DPO took a budget of its own on top of SFT."""
+    return [ArmTraining("base", "base", "none (the base model)", trained=False, own_steps=0, steps=0,
+                        own_tokens=0, tokens=0),
+            ArmTraining("sft", "sft", "p [train], target ground_truth", own_steps=240, steps=240,
+                        own_tokens=9000, tokens=9000),
+            ArmTraining("dpo", "dpo", "p [train], target chosen", init_from="sft", own_steps=240,
+                        steps=480, own_tokens=20000, tokens=29000),
+            ArmTraining("orpo", "orpo", "p [train, validation], target chosen", own_steps=240, steps=240,
+                        own_tokens=21000, tokens=21000),
+            ArmTraining("teacher", "teacher", "the teacher's ranking", trained=False)]
+
+
+def test_training_table_marks_arms_whose_steps_differ():
+    training = arm_trainings()
+    assert budget_marks(training, 240) == {
+        "base": "n/a", "sft": "equal", "dpo": "**differs: 480 steps vs 240 for the budget**",
+        "orpo": "equal", "teacher": "n/a"}
+    # No budget (epochs): held to the total most trained arms share.
+    assert budget_marks(training, None)["dpo"] == "**differs: 480 steps vs 240 for the other arms**"
+    given = ArmTraining("given", "orpo", "given model m", own_steps=None, steps=None)
+    assert budget_marks([*training, given], 240)["given"] == "**unknown**"
+    rows = {r["arm"]: r for r in training_table(training, 240).to_pylist()}
+    assert (rows["dpo"]["starts_from"], rows["dpo"]["own_steps"], rows["dpo"]["steps"],
+            rows["dpo"]["tokens"]) == ("sft", 240, 480, 29000)
+    assert rows["teacher"]["steps"] is None and rows["base"]["tokens"] == 0
+
+
+def test_report_shows_each_arm_data_steps_and_tokens(tmp_path):
+    records = [r for r in rare_records() if r["arm"] == "orpo"]
+    records += [{**r, "arm": arm} for arm in ("base", "sft", "dpo", "teacher") for r in records]
+    report = render_report(RARE_DISEASE, records, n_resamples=50, training=arm_trainings(), budget_steps=240)
+    md = report.files["report.md"].decode()
+    section = md[md.index("## Training"):md.index("## Per label")]
+    assert "Step budget: 240 optimizer steps per trained arm" in section
+    assert "| dpo | dpo | p [train], target chosen | sft | 240 | 480 | 20000 | 29000 | **differs" in section
+    assert "| orpo | orpo | p [train, validation], target chosen | n/a | 240 | 240 | 21000 | 21000 | equal |" \
+        in section
+    rows = list(csv.DictReader(io.StringIO(report.files["training.csv"].decode())))
+    assert [r["arm"] for r in rows] == ["base", "sft", "dpo", "orpo", "teacher"]
+    assert rows[1]["data"] == "p [train], target ground_truth" and rows[1]["tokens"] == "9000"
 
 
 def test_report_is_deterministic():

@@ -1,9 +1,11 @@
 """Evaluation: scoring of generations (``mint_ray.metrics``) and the comparison report."""
 
 from mint_ray.evaluation.report import (
+    ArmTraining,
     Report,
     ScoredRecord,
     bar_chart_png,
+    budget_marks,
     generations_jsonl,
     metrics_markdown,
     metrics_table,
@@ -14,13 +16,16 @@ from mint_ray.evaluation.report import (
     summary_dict,
     to_csv,
     to_markdown,
+    training_table,
     write_report,
 )
 
 __all__ = [
+    "ArmTraining",
     "Report",
     "ScoredRecord",
     "bar_chart_png",
+    "budget_marks",
     "generations_jsonl",
     "metrics_markdown",
     "metrics_table",
@@ -31,5 +36,6 @@ __all__ = [
     "summary_dict",
     "to_csv",
     "to_markdown",
+    "training_table",
     "write_report",
 ]

@@ -12,7 +12,9 @@ top-5 and bottom-5 lists). Output: the files of one report, rendered in memory
 - ``accuracy.png``   grouped bars with bootstrap error bars;
 - ``generations.jsonl`` every raw generation with its parse and score, the
   unparseable ones included;
-- ``summary.json``   ``{arm: ArmSummary.as_dict()}``, for a stage's summary / MLflow.
+- ``summary.json``   ``{arm: ArmSummary.as_dict()}``, for a stage's summary / MLflow;
+- ``training.csv``   when the caller gives each arm's training (``ArmTraining``): its
+  data, steps and tokens, and whether it kept the step budget (also in ``report.md``).
 
 Everything except ``write_report`` is pure.
 """
@@ -248,6 +250,74 @@ def _sample_set_note(scored: Sequence[ScoredRecord]) -> str:
             f"{', '.join(differing)}): compare their metrics with care.\n\n")
 
 
+@dataclass(frozen=True)
+class ArmTraining:
+    """What one arm was trained on, for the training table.
+
+    ``steps`` and ``tokens`` count from the base model, the arms it starts from
+    included (``own_steps`` / ``own_tokens``: this arm's run alone); None where
+    unknown (a given model). ``trained`` is False for an arm that trains nothing
+    (base, RAG, the teacher): the step budget does not apply to it.
+    """
+
+    arm: str
+    kind: str
+    data: str
+    trained: bool = True
+    init_from: str | None = None
+    own_steps: int | None = None
+    steps: int | None = None
+    own_tokens: int | None = None
+    tokens: int | None = None
+
+
+def budget_marks(training: Sequence[ArmTraining], budget: int | None) -> dict[str, str]:
+    """Per arm, whether its total steps kept the budget: ``equal``, or a mark saying how it differs.
+
+    Without a budget (steps set by epochs) the trained arms are held to the total
+    most of them share. Arms that train nothing get ``n/a``.
+    """
+    trained = [t for t in training if t.trained]
+    known = [t.steps for t in trained if t.steps is not None]
+    reference = budget if budget is not None else max(set(known), key=known.count, default=None)
+    what = "the budget" if budget is not None else "the other arms"
+    marks: dict[str, str] = {}
+    for t in training:
+        if not t.trained:
+            marks[t.arm] = "n/a"
+        elif t.steps is None or reference is None:
+            marks[t.arm] = "**unknown**"
+        elif t.steps == reference:
+            marks[t.arm] = "equal"
+        else:
+            marks[t.arm] = f"**differs: {t.steps} steps vs {reference} for {what}**"
+    return marks
+
+
+def training_table(training: Sequence[ArmTraining], budget: int | None) -> pa.Table:
+    """One row per arm: its data, steps and tokens (own and in all) and its budget mark."""
+    marks = budget_marks(training, budget)
+    return pa.table({
+        "arm": [t.arm for t in training], "kind": [t.kind for t in training],
+        "data": [t.data for t in training], "starts_from": [t.init_from for t in training],
+        "own_steps": pa.array([t.own_steps for t in training], pa.int64()),
+        "steps": pa.array([t.steps for t in training], pa.int64()),
+        "own_tokens": pa.array([t.own_tokens for t in training], pa.int64()),
+        "tokens": pa.array([t.tokens for t in training], pa.int64()),
+        "budget": [marks[t.arm] for t in training]})
+
+
+def training_markdown(training: Sequence[ArmTraining], budget: int | None) -> str:
+    """The training section: the budget rule in words, then the table."""
+    rule = (f"Step budget: {budget} optimizer steps per trained arm, counting the steps of the arm it "
+            "starts from." if budget is not None else
+            "No step budget was set (train.optim.max_steps): the arms trained by epochs.")
+    return (f"{rule} `steps` and `tokens` are totals from the base model (`own_*`: the arm's own "
+            "run); tokens are those the model was run on (prompt once, chosen and rejected "
+            "answer). An arm whose steps differ is marked in `budget`.\n\n"
+            + to_markdown(training_table(training, budget)))
+
+
 def summary_dict(summaries: Sequence[ArmSummary]) -> dict[str, dict[str, float | int | str]]:
     """``{arm: ArmSummary.as_dict()}``: JSON-able, for a stage's summary or MLflow metrics."""
     return {s.arm: s.as_dict() for s in summaries}
@@ -263,8 +333,10 @@ class Report:
 
 def render_report(task: Task, records: Iterable[Mapping[str, Any]], *, title: str | None = None,
                   n_resamples: int = 1000, seed: int = 0, alpha: float = 0.05,
-                  threshold: float = THRESHOLD) -> Report:
-    """Score ``records`` and render every file of the report in memory."""
+                  threshold: float = THRESHOLD, training: Sequence[ArmTraining] | None = None,
+                  budget_steps: int | None = None) -> Report:
+    """Score ``records`` and render every file of the report in memory; with ``training``, a
+    section and ``training.csv`` give each arm's data, steps and tokens against ``budget_steps``."""
     scored = score_records(task, records, threshold)
     if not scored:
         raise MintError("no generations to report on: the evaluation wrote no records")
@@ -283,9 +355,11 @@ def render_report(task: Task, records: Iterable[Mapping[str, Any]], *, title: st
         + _sample_set_note(scored)
         + "## Metrics\n\n" + metrics_markdown(summaries)
         + "\n![metrics by arm](accuracy.png)\n\n"
+        + (f"## Training\n\n{training_markdown(training, budget_steps)}\n" if training else "")
         + "## Per label\n\n" + to_markdown(per_label)
         + "\nFiles: `metrics.csv`, `per_label.csv`, `generations.jsonl` (every raw "
-        "generation with its parse and score), `summary.json`.\n"
+        "generation with its parse and score), `summary.json`"
+        + (", `training.csv`" if training else "") + ".\n"
     )
     files = {
         "report.md": markdown.encode(),
@@ -295,6 +369,8 @@ def render_report(task: Task, records: Iterable[Mapping[str, Any]], *, title: st
         "generations.jsonl": generations_jsonl(scored).encode(),
         "summary.json": json.dumps(summary_dict(summaries), indent=2).encode(),
     }
+    if training:
+        files["training.csv"] = to_csv(training_table(training, budget_steps)).encode()
     return Report(summaries=summaries, files=files)
 
 
