@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import threading
@@ -155,6 +156,18 @@ def test_mllama_zero3_with_images(tmp_path: Path) -> None:
     summary = train_stage.run(cfg)
     assert summary["training"]["steps"] == 2
     assert _reload_matches_engine(summary["model_uri"], "mllama") < 1e-4
+
+
+def test_zero3_orpo_with_chunked_logits_and_lora_on_lm_head(tmp_path: Path) -> None:
+    """loss.logits_chunk_tokens on, a chunk shorter than one pair, LoRA (with dropout) on lm_head."""
+    write_text_prefs(str(tmp_path / "prefs"), 16)
+    cfg = _config(tmp_path, str(tmp_path / "prefs"), "loss.logits_chunk_tokens=7", "optim.max_steps=4",
+                  "model.lora.target_modules=[q_proj,v_proj,lm_head]")
+    summary = train_stage.run(cfg)
+    assert summary["training"]["steps"] == 4
+    loss = _history(summary["mlflow_run_id"], "loss")
+    assert len(loss) == 4 and all(math.isfinite(v) for v in loss)
+    assert _reload_matches_engine(summary["model_uri"], "causal_lm") < 1e-4
 
 
 @pytest.mark.parametrize("objective", ["dpo", "sft", "simpo"])
