@@ -32,26 +32,21 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import hmac
-import io
 import json
 import logging
 import os
-import re
 import signal
 import threading
 import time
 import urllib.error
 import urllib.request
-import warnings
 from dataclasses import dataclass, field
-from difflib import SequenceMatcher
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from PIL import Image
+from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
@@ -61,16 +56,24 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mint_ray import storage
 from mint_ray.config import RayConfig
 from mint_ray.errors import MintError
-from mint_ray.metrics import THRESHOLD, normalise, synonyms
 from mint_ray.registry import parse_models_uri
 from mint_ray.serving.config import Config, HttpConfig, RequestBatchingConfig, RequestLimitsConfig, ServeConfig
-from mint_ray.tasks import TASKS, TISSUE_TYPE, TISSUE_TYPES, Task, get_task
+from mint_ray.serving.inputs import (
+    chat_inputs,
+    check_task,
+    decode_base64,
+    decode_image,
+    parse_json,
+    prompt_for,
+    validation_details,
+)
+from mint_ray.serving.labels import LabelIds, label_catalog, ranked_labels
+from mint_ray.serving.schemas import ChatRequest, ModelInfo, PredictRequest, PredictResponse, RequestError, error_body
+from mint_ray.tasks import TASKS, Task, get_task
 
 DEPLOYMENT_NAME = "MintStudent"
 # Probes (Kubernetes, load balancers) carry no key.
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
-_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,",
-                       re.IGNORECASE)
 # Serve routes the "ray.serve" logger into the replica's log file.
 log = logging.getLogger("ray.serve")
 
@@ -78,260 +81,6 @@ log = logging.getLogger("ray.serve")
 CLI_FLAGS = {"model-uri": "app.model_uri", "task": "app.task", "tracking-uri": "app.tracking_uri",
              "api-key-env": "app.api_key_env", "host": "http.host", "port": "http.port",
              "address": "ray.address"}
-
-
-# ============================================================== request / response models
-
-
-class PredictRequest(BaseModel):
-    """``POST /v1/predict`` (JSON). ``image``: base64, or a ``data:image/...;base64,`` URL."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    task: str = Field(min_length=1)
-    note: str | None = None
-    image: str | None = None
-    top_k: int | None = Field(None, ge=1)
-
-
-class RankedLabel(BaseModel):
-    rank: int
-    label: str
-    id: str | None = None
-
-
-class ModelInfo(BaseModel):
-    name: str
-    version: str | None
-    alias: str | None
-    uri: str
-
-
-class PredictResponse(BaseModel):
-    request_id: str
-    task: str
-    labels: list[RankedLabel]
-    parseable: bool
-    generation: str
-    model: ModelInfo
-    latency_ms: float
-
-
-class ImageURL(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    url: str
-
-
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    type: Literal["text", "image_url"]
-    text: str | None = None
-    image_url: ImageURL | None = None
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-
-
-class ChatRequest(BaseModel):
-    """The OpenAI chat-completions request; fields the server does not use are ignored."""
-
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
-    n: int = 1
-
-
-# ============================================================== validation (pure)
-
-
-class RequestError(Exception):
-    """A client error: HTTP status, a stable code, a message that says what to fix."""
-
-    def __init__(self, status: int, code: str, message: str, param: str | None = None,
-                 details: list[dict[str, Any]] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.param, self.details = status, code, message, param, details
-
-
-def error_body(status: int, code: str, message: str, request_id: str, param: str | None = None,
-               details: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """One error shape for every route, OpenAI-compatible (``error.message/type/code/param``)."""
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    if status == 401:
-        kind = "authentication_error"
-    error: dict[str, Any] = {"message": message, "type": kind, "code": code, "param": param}
-    if details:
-        error["details"] = details
-    return {"error": error, "request_id": request_id}
-
-
-def validation_details(err: ValidationError) -> list[dict[str, Any]]:
-    """Pydantic's errors without the offending input (it may be note text)."""
-    return [{"loc": ".".join(str(p) for p in e["loc"]), "msg": e["msg"], "type": e["type"]}
-            for e in err.errors()]
-
-
-def parse_json(body: bytes, model: type[BaseModel]) -> Any:
-    """Body bytes -> ``model``: 400 for bytes that are not JSON, 422 for the wrong shape or types."""
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RequestError(400, "malformed_json", f"request body is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise RequestError(422, "invalid_body", "request body must be a JSON object")
-    try:
-        return model.model_validate(data)
-    except ValidationError as err:
-        details = validation_details(err)
-        first = details[0]
-        raise RequestError(422, "invalid_field", f"{first['loc']}: {first['msg']}", first["loc"],
-                           details) from None
-
-
-def decode_base64(text: str, limits: RequestLimitsConfig, param: str = "image") -> bytes:
-    """Base64 or a ``data:`` URL -> bytes, bounded by ``max_image_bytes`` before decoding."""
-    text = text.strip()
-    if text.startswith("data:"):
-        m = _DATA_URL.match(text)
-        if m is None or not m.group("b64"):
-            raise RequestError(400, "invalid_image", f"{param}: a data URL must be "
-                               "'data:image/<format>;base64,<data>'", param)
-        text = text[m.end():]
-    # 4 base64 characters carry 3 bytes.
-    if len(text) * 3 // 4 > limits.max_image_bytes + 3:
-        raise RequestError(413, "image_too_large",
-                           f"{param} is over the limit of {limits.max_image_bytes} bytes", param)
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise RequestError(400, "invalid_image", f"{param} is not valid base64", param) from None
-
-
-def decode_image(data: bytes, limits: RequestLimitsConfig, param: str = "image") -> Image.Image:
-    """Image bytes -> an RGB PIL image, refusing oversized files, formats outside the
-    allowed list, and images with too many pixels *before* their pixels are decoded."""
-    if len(data) > limits.max_image_bytes:
-        raise RequestError(413, "image_too_large",
-                           f"{param} is {len(data)} bytes, over the limit of {limits.max_image_bytes}", param)
-    too_many = RequestError(413, "image_too_many_pixels",
-                            f"{param} has more than {limits.max_image_pixels} pixels", param)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))  # reads the header only
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise too_many from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise RequestError(400, "invalid_image", f"{param} is not a decodable image "
-                           f"(allowed formats: {', '.join(limits.image_formats)})", param) from None
-    if image.format not in limits.image_formats:
-        raise RequestError(415, "unsupported_image_format", f"{param} is {image.format}; allowed formats: "
-                           f"{', '.join(limits.image_formats)}", param)
-    width, height = image.size
-    if width * height > limits.max_image_pixels:
-        raise too_many
-    try:
-        image.load()
-        return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        raise RequestError(400, "invalid_image", f"{param} is truncated or corrupt", param) from None
-
-
-def check_task(name: str, served: Task) -> Task:
-    """The requested task, which must be the one this deployment's model does."""
-    if name not in TASKS:
-        raise RequestError(422, "unknown_task", f"unknown task {name!r}: choose one of "
-                           f"{', '.join(sorted(TASKS))}", "task")
-    if name != served.name:
-        raise RequestError(422, "wrong_task", f"this deployment serves task {served.name!r}, not {name!r}: "
-                           f"send {name} requests to a deployment of a {name} model", "task")
-    return served
-
-
-def prompt_for(task: Task, note: str | None, top_k: int) -> list[dict[str, Any]]:
-    """The student's prompt (the same as the preference data's): the note for text tasks,
-    the candidate labels for image tasks. A smaller ``top_k`` than the trained count
-    asks for the trained count and keeps the first ``top_k``."""
-    n = max(top_k, task.n_answers)
-    if task.modality == "text":
-        return task.prompt_messages(note=note, n_answers=n)
-    return task.prompt_messages(candidates=list(task.labels), n_answers=n)
-
-
-def data_url_of(url: str) -> str:
-    if not url.startswith("data:"):
-        raise RequestError(422, "unsupported_image_url", "image_url must be a data: URL "
-                           "(data:image/png;base64,...); the server fetches nothing", "messages")
-    return url
-
-
-def chat_inputs(request: ChatRequest) -> tuple[str, str | None]:
-    """(text, image data URL) of the last user message of an OpenAI chat request."""
-    if request.stream:
-        raise RequestError(400, "unsupported_parameter", "stream=true is not supported", "stream")
-    if request.n != 1:
-        raise RequestError(400, "unsupported_parameter", "only n=1 is supported", "n")
-    users = [m for m in request.messages if m.role == "user"]
-    if not users:
-        raise RequestError(422, "invalid_field", "messages has no user message", "messages")
-    content = users[-1].content
-    if content is None or isinstance(content, str):
-        return content or "", None
-    texts = [p.text or "" for p in content if p.type == "text"]
-    images = [p.image_url.url for p in content if p.type == "image_url" and p.image_url is not None]
-    if len(images) > 1:
-        raise RequestError(422, "invalid_field", "send one image per request", "messages")
-    return "\n".join(texts), data_url_of(images[0]) if images else None
-
-
-class LabelIds:
-    """Label name -> id, for the names a student writes: exact after normalising
-    (as the metrics do), else the closest catalog name at the metrics' fuzzy threshold."""
-
-    def __init__(self, catalog: dict[str, str]) -> None:
-        self._exact: dict[str, str] = {}
-        self._names: list[tuple[str, str]] = []
-        for name, label_id in catalog.items():
-            for syn in synonyms(name):
-                self._exact.setdefault(syn, label_id)
-                self._names.append((syn, label_id))
-
-    def __len__(self) -> int:
-        return len(self._exact)
-
-    def lookup(self, item: str) -> str | None:
-        wanted = normalise(item)
-        if not wanted:
-            return None
-        if wanted in self._exact:
-            return self._exact[wanted]
-        best, best_id = THRESHOLD, None
-        matcher = SequenceMatcher()
-        matcher.set_seq2(wanted)  # SequenceMatcher caches what it learns about seq2
-        for name, label_id in self._names:
-            matcher.set_seq1(name)
-            # The cheap upper bounds first, as difflib.get_close_matches does.
-            if matcher.real_quick_ratio() >= best and matcher.quick_ratio() >= best:
-                ratio = matcher.ratio()
-                if ratio >= best:
-                    best, best_id = ratio, label_id
-        return best_id
-
-
-def ranked_labels(task: Task, generation: str, top_k: int, ids: LabelIds) -> tuple[list[RankedLabel], bool]:
-    """The first ``top_k`` items of the answer, read with the task's one parser."""
-    parsed = task.parse_answer(generation)
-    labels = [RankedLabel(rank=i, label=item, id=ids.lookup(item))
-              for i, item in enumerate(parsed.items[:top_k], start=1)]
-    return labels, parsed.parseable
 
 
 # ============================================================== models and the registry
@@ -376,36 +125,6 @@ def pinned_version(ref: ModelRef) -> str | None:
     if ref.alias:
         return alias_version(ref)
     return ref.version
-
-
-def read_catalog(uri: str) -> dict[str, str]:
-    """``{name: id}`` from a dataset manifest's ``label_catalog`` (or synth's ``labels``)."""
-    manifest = storage.read_manifest(uri)
-    if manifest is None:
-        raise MintError(f"label catalog {uri!r}: no dataset manifest there")
-    catalog = manifest.meta.get("label_catalog") or manifest.meta.get("labels") or []
-    return {str(item["name"]): str(item["id"]) for item in catalog
-            if isinstance(item, dict) and item.get("name") and item.get("id")}
-
-
-def label_catalog(task: Task, metadata: dict[str, Any], catalog_uri: str | None) -> dict[str, str]:
-    """The ids the server can report: the configured catalog, the tissue slugs, or the
-    catalog of the cohort the model was trained from (empty when that is unreadable)."""
-    if catalog_uri:
-        return read_catalog(catalog_uri)
-    if task.name == TISSUE_TYPE.name:
-        from mint_ray.tasks.tissue_type import tissue_id
-
-        return {name: tissue_id(name) for name in TISSUE_TYPES}
-    if not metadata.get("data_uri"):
-        return {}
-    try:
-        prefs = storage.read_manifest(metadata["data_uri"])
-        cohort = (prefs.meta.get("cohort") or {}).get("uri") if prefs else None
-        return read_catalog(cohort) if cohort else {}
-    except Exception as err:  # ids are best effort: answers are served without them
-        log.warning("no label ids for %s: %s", task.name, storage.redact(str(err).splitlines()[0]))
-        return {}
 
 
 @dataclass

@@ -1,169 +1,30 @@
-"""Serving: the pure request checks, then a real Ray Serve on 127.0.0.1 serving tiny
-students registered in a real MLflow server, spoken to over HTTP: every route, every
-4xx, the API key, CORS, the logs, ``mint-ray serve``, and an alias move under load."""
+"""Serving: a real Ray Serve on 127.0.0.1 serving tiny students registered in a real
+MLflow server, spoken to over HTTP: every route, every 4xx, the API key, CORS, the logs,
+``mint-ray serve``, and an alias move under load. The request checks themselves are
+tested directly in ``test_serving_requests.py``."""
 
 from __future__ import annotations
 
-import base64
-import io
 import os
-import struct
 import threading
 import time
 import uuid
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pyarrow as pa
 import pytest
-from PIL import Image
 
-from mint_ray import storage
-from mint_ray.serving.config import RequestLimitsConfig, ServeConfig
-from mint_ray.serving_app import (
-    ChatRequest,
-    LabelIds,
-    PredictRequest,
-    RequestError,
-    chat_inputs,
-    check_task,
-    decode_base64,
-    decode_image,
-    label_catalog,
-    parse_json,
-    parse_model_uri,
-    prompt_for,
-    ranked_labels,
-)
-from mint_ray.tasks import RARE_DISEASE, TISSUE_TYPE, TISSUE_TYPES
+from mint_ray.serving.config import ServeConfig
+from mint_ray.serving_app import parse_model_uri
+from mint_ray.tasks import TISSUE_TYPES
 from tests.conftest import free_port
+from tests.serving_inputs import SMALL, b64, bomb_header, png
 
 KEY_ENV = "MINT_TEST_SERVE_KEY"
 KEY = f"k-{uuid.uuid4().hex}"
-SMALL = RequestLimitsConfig(max_body_bytes=2**20, max_note_chars=2000, max_image_bytes=200_000,
-                            max_image_pixels=512 * 512, max_top_k=10)
-
-
-def png(size: tuple[int, int] = (64, 64), mode: str = "RGB", noise: bool = False, fmt: str = "PNG") -> bytes:
-    image = Image.frombytes(mode, size, os.urandom(size[0] * size[1] * len(mode))) if noise \
-        else Image.new(mode, size, 128)
-    buf = io.BytesIO()
-    image.save(buf, fmt)
-    return buf.getvalue()
-
-
-def bomb_header(width: int = 50_000, height: int = 50_000) -> bytes:
-    """A valid PNG whose header claims ``width`` x ``height`` pixels (a few hundred bytes)."""
-    raw = png((1, 1), "L")
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    chunk = b"IHDR" + ihdr
-    return raw[:8] + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) + raw[33:]
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-# ============================================================== pure checks
-
-
-def code_of(fn: Any, *args: Any) -> tuple[int, str]:
-    with pytest.raises(RequestError) as err:
-        fn(*args)
-    return err.value.status, err.value.code
-
-
-def test_decode_image_accepts_and_converts() -> None:
-    image = decode_image(png((40, 30), "L"), SMALL)
-    assert image.size == (40, 30) and image.mode == "RGB"
-
-
-@pytest.mark.parametrize(("data", "status", "code"), [
-    (bomb_header(), 413, "image_too_many_pixels"),
-    (png((1024, 1024), "L"), 413, "image_too_many_pixels"),  # real, compresses to a few KB
-    (png((300, 300), noise=True), 413, "image_too_large"),
-    (png(fmt="GIF", mode="L"), 415, "unsupported_image_format"),
-    (b"not an image at all", 400, "invalid_image"),
-    (png((200, 200), noise=True)[:5000], 400, "invalid_image"),  # truncated
-], ids=["bomb-header", "bomb-real", "too-many-bytes", "gif", "garbage", "truncated"])
-def test_decode_image_refuses(data: bytes, status: int, code: str) -> None:
-    assert code_of(decode_image, data, SMALL) == (status, code)
-
-
-def test_base64_and_data_urls() -> None:
-    data = png()
-    assert decode_base64(b64(data), SMALL) == data
-    assert decode_base64(f"data:image/png;base64,{b64(data)}", SMALL) == data
-    assert code_of(decode_base64, "***", SMALL) == (400, "invalid_image")
-    assert code_of(decode_base64, "data:image/png,rawbytes", SMALL) == (400, "invalid_image")
-    assert code_of(decode_base64, "A" * 400_000, SMALL) == (413, "image_too_large")
-
-
-def test_parse_json_errors_never_echo_the_input() -> None:
-    assert code_of(parse_json, b"{bad", PredictRequest) == (400, "malformed_json")
-    assert code_of(parse_json, b"\xff\xfe", PredictRequest) == (400, "malformed_json")
-    assert code_of(parse_json, b"[1, 2]", PredictRequest) == (422, "invalid_body")
-    with pytest.raises(RequestError) as err:
-        parse_json(b'{"task": "rare_disease", "note": "PRIVATE-NOTE", "top_k": "3"}', PredictRequest)
-    assert err.value.status == 422 and err.value.param == "top_k"
-    assert "PRIVATE-NOTE" not in str(err.value.details) + err.value.message
-    assert code_of(parse_json, b'{"task": "x", "colour": 1}', PredictRequest)[0] == 422
-
-
-def test_task_checks_and_prompt() -> None:
-    assert check_task("rare_disease", RARE_DISEASE) is RARE_DISEASE
-    assert code_of(check_task, "cardiology", RARE_DISEASE) == (422, "unknown_task")
-    assert code_of(check_task, "tissue_type", RARE_DISEASE) == (422, "wrong_task")
-    assert prompt_for(RARE_DISEASE, "a note", 3) == RARE_DISEASE.prompt_messages(note="a note", n_answers=10)
-    assert prompt_for(TISSUE_TYPE, None, 7) == TISSUE_TYPE.prompt_messages(candidates=list(TISSUE_TYPES),
-                                                                            n_answers=7)
-
-
-def test_chat_inputs() -> None:
-    url = f"data:image/png;base64,{b64(png())}"
-    req = ChatRequest.model_validate({"messages": [
-        {"role": "system", "content": "ignored"},
-        {"role": "user", "content": [{"type": "text", "text": "what tissue"},
-                                     {"type": "image_url", "image_url": {"url": url}}]}]})
-    assert chat_inputs(req) == ("what tissue", url)
-    assert chat_inputs(ChatRequest.model_validate({"messages": [{"role": "user", "content": "note"}]})) == \
-        ("note", None)
-    remote = ChatRequest.model_validate({"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "http://169.254.169.254/x.png"}}]}]})
-    assert code_of(chat_inputs, remote) == (422, "unsupported_image_url")
-    streamed = ChatRequest.model_validate({"stream": True, "messages": [{"role": "user", "content": "x"}]})
-    assert code_of(chat_inputs, streamed) == (400, "unsupported_parameter")
-    assert code_of(chat_inputs, ChatRequest.model_validate({"messages": [{"role": "system", "content": "x"}]})) \
-        == (422, "invalid_field")
-
-
-def test_ranked_labels_with_ids() -> None:
-    ids = LabelIds({"Marfan syndrome": "OMIM:154700", "Wilson disease": "OMIM:277900"})
-    text = RARE_DISEASE.format_answer(["Marfan Syndrome", "Wilsons disease", "Something else"])
-    labels, parseable = ranked_labels(RARE_DISEASE, text, 2, ids)
-    assert parseable
-    assert [(lb.rank, lb.label, lb.id) for lb in labels] == [(1, "Marfan Syndrome", "OMIM:154700"),
-                                                             (2, "Wilsons disease", "OMIM:277900")]
-    labels, parseable = ranked_labels(RARE_DISEASE, "no list here", 10, ids)
-    assert labels == [] and not parseable
-    assert ids.lookup("Completely different") is None
-
-
-def test_label_catalog_follows_the_lineage(tmp_path: Path) -> None:
-    table = pa.table({"x": [1]})
-    cohort = str(tmp_path / "cohort")
-    storage.write_dataset(cohort, table, meta={"labels": [{"name": "Marfan syndrome", "id": "OMIM:154700"},
-                                                          {"name": "No id here"}]})
-    prefs = str(tmp_path / "prefs")
-    storage.write_dataset(prefs, table, meta={"cohort": {"uri": cohort}})
-    assert label_catalog(RARE_DISEASE, {"data_uri": prefs}, None) == {"Marfan syndrome": "OMIM:154700"}
-    assert label_catalog(RARE_DISEASE, {"data_uri": ""}, cohort) == {"Marfan syndrome": "OMIM:154700"}
-    assert label_catalog(RARE_DISEASE, {"data_uri": str(tmp_path / "missing")}, None) == {}
-    assert label_catalog(TISSUE_TYPE, {}, None)["Head & Neck"] == "head_neck"
 
 
 def test_model_uris() -> None:
@@ -171,9 +32,6 @@ def test_model_uris() -> None:
     ref = parse_model_uri("models:/m/3")
     assert (ref.name, ref.version, ref.alias) == ("m", "3", None)
     assert parse_model_uri("s3://b/students/x/model/").name == "model"
-
-
-# ============================================================== live Serve
 
 
 @dataclass
