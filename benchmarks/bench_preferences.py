@@ -50,6 +50,7 @@ from mint_ray.config import build_config
 from mint_ray.data import synth
 from mint_ray.images import ImageLimits, decode_rgb
 from mint_ray.preferences import pipeline
+from mint_ray.preferences.config import Config as PreferencesConfig
 from mint_ray.ray_cluster import worker_env
 from mint_ray.tasks import TISSUE_TYPES
 from mint_ray.teachers import Case, load_teacher, save_teacher_dir
@@ -176,7 +177,7 @@ def start_local_ray(num_cpus: int, object_store_mib: int) -> None:
 
 def run_pipeline(work: Path, cohort: str, teacher_uri: str, actors: int,
                  args: argparse.Namespace) -> dict[str, Any]:
-    cfg = build_config(pipeline.Config, {
+    cfg = build_config(PreferencesConfig, {
         "task": "tissue_type", "cohort_uri": cohort, "output_uri": str(work / "out"),
         "teacher": {"uri": teacher_uri, "num_actors": actors, "batch_size": args.batch_size},
         "storage": {"overwrite": True}, "tracking": {"enabled": False},
