@@ -25,7 +25,7 @@ from mint_ray import storage
 from mint_ray.config import build_config
 from mint_ray.data import synth
 from mint_ray.errors import ConfigError, StorageError
-from mint_ray.preferences import pipeline, validate
+from mint_ray.preferences import pipeline, schemas, validate
 from mint_ray.preferences.config import Config
 from mint_ray.preferences.pipeline import TeacherScorer, catalog_names, run
 from mint_ray.tasks import RARE_DISEASE, TISSUE_TYPE, TISSUE_TYPES
@@ -314,8 +314,8 @@ def test_decoded_blocks_hold_whole_batches_and_about_block_bytes(tmp_path: Path)
     assert [b.num_rows for b in blocks] == [4, 4, 2]
     table = pa.concat_tables(blocks)
     assert table.column("sample_id").to_pylist() == [f"s{i}" for i in range(10)]
-    images = pipeline.image_views(table.column("pixels"), table.column("height").to_pylist(),
-                                  table.column("width").to_pylist())
+    images = schemas.image_views(table.column("pixels"), table.column("height").to_pylist(),
+                                 table.column("width").to_pylist())
     assert images[3] is None and table.column("reason")[3].as_py() == "missing_image"
     assert all(np.array_equal(images[i], pictures[i]) for i in range(10) if i != 3)
 

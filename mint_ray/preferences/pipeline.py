@@ -48,7 +48,7 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -65,6 +65,18 @@ from mint_ray.errors import ConfigError, MintError, StorageError
 from mint_ray.preferences import validate
 from mint_ray.preferences.config import PAIRS_CPUS, READ_CPUS, Config
 from mint_ray.preferences.pairs import PairRule, build_pairs, rank
+from mint_ray.preferences.schemas import (
+    INPUT_FIELDS,
+    PREPARED_SCHEMA,
+    QUARANTINE_SCHEMA,
+    SCORED_SCHEMA,
+    TEXT,
+    coerce_chunk,
+    image_views,
+    pair_schema,
+    pixel_column,
+    union_schema,
+)
 from mint_ray.tasks import Task, get_task
 
 if TYPE_CHECKING:
@@ -189,87 +201,7 @@ def validation_rules(cfg: Config, task: Task, teacher: TeacherInfo) -> validate.
         max_image_bytes=cfg.limits.max_image_bytes, max_image_pixels=cfg.limits.max_image_pixels)
 
 
-# ---------------------------------------------------------------- schemas
-
-
-INPUT_FIELDS = ("sample_id", "task", "split", "note", "image_uri", "label")
-_TEXT = pa.string()
-READ_SCHEMA = pa.schema([*((name, _TEXT) for name in INPUT_FIELDS),
-                         ("type_error", _TEXT), ("duplicate", pa.bool_())])
-_VERDICT = [("stage", _TEXT), ("reason", _TEXT), ("detail", _TEXT)]
-_ROW = [("sample_id", _TEXT), ("split", _TEXT), ("note", _TEXT), ("image_uri", _TEXT), ("label", _TEXT)]
-PREPARED_SCHEMA = pa.schema([*_ROW, ("pixels", pa.large_binary()), ("height", pa.int32()),
-                             ("width", pa.int32()), *_VERDICT])
-SCORED_SCHEMA = pa.schema([*_ROW, *_VERDICT, ("scores", pa.list_(pa.float32())),
-                           ("teacher_name", _TEXT), ("teacher_version", _TEXT), ("scored_at", pa.float64())])
-QUARANTINE_SCHEMA = pa.schema([("sample_id", _TEXT), ("split", _TEXT), ("label", _TEXT),
-                               ("image_uri", _TEXT), *_VERDICT])
-
-
-def messages_type(task: Task) -> pa.DataType:
-    """Arrow type of a message list; image tasks use TRL's multimodal content parts."""
-    content = (pa.list_(pa.struct([("type", _TEXT), ("text", _TEXT)])) if task.modality == "image"
-               else _TEXT)
-    return pa.list_(pa.struct([("role", _TEXT), ("content", content)]))
-
-
-def pair_schema(task: Task) -> pa.Schema:
-    """The preference rows: TRL's conversational columns, then provenance."""
-    messages = messages_type(task)
-    return pa.schema([
-        ("sample_id", _TEXT), ("split", _TEXT), ("pair_index", pa.int32()),
-        ("prompt", messages), ("chosen", messages), ("rejected", messages),
-        ("label", _TEXT), ("image_uri", _TEXT),
-        ("teacher_ranking", pa.list_(_TEXT)), ("teacher_scores", pa.list_(pa.float32())),
-        ("teacher_top", pa.list_(_TEXT)), ("teacher_bottom", pa.list_(_TEXT)),
-        ("truth_rank", pa.int32()), ("truth_forced", pa.bool_()), ("margin", pa.float64()),
-        ("teacher_name", _TEXT), ("teacher_version", _TEXT),
-    ])
-
-
-def union_schema(pairs: pa.Schema) -> pa.Schema:
-    """What the pair operator emits: pair rows and set-aside rows in one stream.
-
-    ``kind`` tells them apart; ``case_paired`` marks a case's first kept pair,
-    ``dropped_pairs`` counts its pairs under the margin and ``scored_at`` says when the
-    teacher finished its batch (for the run's counts and its steady rate).
-    """
-    return pa.schema([*pairs, *_VERDICT, ("kind", _TEXT), ("case_paired", pa.bool_()),
-                      ("dropped_pairs", pa.int32()), ("scored_at", pa.float64())])
-
-
 # ---------------------------------------------------------------- 1. read
-
-
-def _is_text(dtype: pa.DataType) -> bool:
-    if pa.types.is_dictionary(dtype):
-        dtype = dtype.value_type
-    return pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or pa.types.is_null(dtype)
-
-
-def coerce_chunk(batch: pa.RecordBatch | pa.Table) -> tuple[pa.Table, list[str | None]]:
-    """The contract's columns as strings, and per row the fields of a wrong type (or None).
-
-    A column of another type (``label`` as int64) becomes nulls; the rows that had
-    a value there are marked. An absent column is all nulls.
-    """
-    n = batch.num_rows
-    columns: list[pa.Array] = []
-    errors: list[list[str]] = [[] for _ in range(n)]
-    names = batch.schema.names
-    for name in INPUT_FIELDS:
-        if name not in names:
-            columns.append(pa.nulls(n, _TEXT))
-            continue
-        column = batch.column(names.index(name))
-        if _is_text(column.type):
-            columns.append(pc.cast(column, _TEXT))
-            continue
-        columns.append(pa.nulls(n, _TEXT))
-        for i in np.flatnonzero(np.asarray(column.is_valid())):
-            errors[int(i)].append(f"{name}: {column.type}")
-    table = pa.Table.from_arrays(columns, names=list(INPUT_FIELDS))
-    return table, ["; ".join(e) if e else None for e in errors]
 
 
 def read_cohort(items: pa.Table, chunk_rows: int) -> Iterator[pa.Table]:
@@ -283,7 +215,7 @@ def read_cohort(items: pa.Table, chunk_rows: int) -> Iterator[pa.Table]:
                 duplicate.append(sid in seen)
                 if sid:
                     seen.add(sid)
-            yield table.append_column("type_error", pa.array(type_errors, _TEXT)).append_column(
+            yield table.append_column("type_error", pa.array(type_errors, TEXT)).append_column(
                 "duplicate", pa.array(duplicate, pa.bool_()))
 
 
@@ -314,35 +246,6 @@ def _io_pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mint-fetch")
 
 
-def pixel_column(images: Sequence[np.ndarray | None]) -> pa.Array:
-    """Decoded images as one binary column, copied once into a single buffer (nulls where none)."""
-    present = [image is not None for image in images]
-    sizes = np.array([0 if image is None else image.nbytes for image in images], np.int64)
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    data = np.concatenate([image.reshape(-1) for image in images if image is not None]) if any(present) \
-        else np.zeros(0, np.uint8)
-    validity = pa.array(present, pa.bool_()).buffers()[1]
-    return pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(images),
-                                            [validity, pa.py_buffer(offsets), pa.py_buffer(data)],
-                                            null_count=present.count(False))
-
-
-def image_views(column: pa.ChunkedArray | pa.Array, heights: list[int | None],
-                widths: list[int | None]) -> list[np.ndarray | None]:
-    """HxWx3 views into the pixel column's buffers (no copy)."""
-    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-    views: list[np.ndarray | None] = []
-    for chunk in chunks:
-        _, offsets_buf, data_buf = chunk.buffers()
-        offsets = np.frombuffer(offsets_buf, np.int64)[chunk.offset:chunk.offset + len(chunk) + 1]
-        data = np.frombuffer(data_buf, np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
-        valid = np.asarray(chunk.is_valid())
-        for j in range(len(chunk)):
-            i = len(views)
-            views.append(data[offsets[j]:offsets[j + 1]].reshape(heights[i], widths[i], 3) if valid[j] else None)
-    return views
-
-
 def _prepare_rows(batch: pa.Table, rules: validate.Rules, io_threads: int) -> pa.Table:
     rows = batch.to_pylist()
     verdicts: list[validate.Verdict | None] = [validate.check_row(row, rules) for row in rows]
@@ -365,7 +268,7 @@ def _prepare_rows(batch: pa.Table, rules: validate.Rules, io_threads: int) -> pa
         "pixels": pixel_column(images),
         "height": pa.array([None if im is None else im.shape[0] for im in images], pa.int32()),
         "width": pa.array([None if im is None else im.shape[1] for im in images], pa.int32()),
-        **{name: pa.array([getattr(v, name) if v else None for v in verdicts], _TEXT)
+        **{name: pa.array([getattr(v, name) if v else None for v in verdicts], TEXT)
            for name in ("stage", "reason", "detail")},
     }, schema=PREPARED_SCHEMA)
 
@@ -427,7 +330,7 @@ class TeacherScorer:
         scores = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), n_labels, mask=pa.array(~scored))
         return pa.table({
             **{name: batch.column(name) for name in ("sample_id", "split", "note", "image_uri", "label")},
-            **{name: pa.array(v, _TEXT) for name, v in verdicts.items()},
+            **{name: pa.array(v, TEXT) for name, v in verdicts.items()},
             "scores": scores.cast(pa.list_(pa.float32())),
             "teacher_name": pa.repeat(self.teacher.name, n), "teacher_version": pa.repeat(self.teacher.version, n),
             "scored_at": pa.repeat(time.time(), n),

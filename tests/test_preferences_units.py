@@ -1,0 +1,67 @@
+"""The preference stage's pure parts, without Ray: the Arrow schemas and table builders.
+
+The end-to-end runs on a real local Ray are in ``test_preferences.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from mint_ray.preferences import schemas
+from mint_ray.tasks import RARE_DISEASE, TISSUE_TYPE
+
+# ---------------------------------------------------------------- schemas and builders
+
+
+def test_coerce_chunk_turns_wrong_types_into_marked_nulls() -> None:
+    batch = pa.table({
+        "sample_id": pa.array(["a", "b", "c"]).dictionary_encode(),
+        "task": pa.array(["rare_disease"] * 3, pa.large_string()),
+        "split": pa.array([None, None, None], pa.null()),
+        "label": pa.array([1, None, 3], pa.int64()),
+        "extra": [1, 2, 3],
+    })  # no note, no image_uri
+    table, errors = schemas.coerce_chunk(batch)
+    assert table.schema == pa.schema([(name, pa.string()) for name in schemas.INPUT_FIELDS])
+    assert table.column("sample_id").to_pylist() == ["a", "b", "c"]
+    assert table.column("task").to_pylist() == ["rare_disease"] * 3
+    assert table.column("label").to_pylist() == table.column("note").to_pylist() == [None] * 3
+    # Only the rows that had a value in the wrong-typed column are marked.
+    assert errors == ["label: int64", None, "label: int64"]
+
+
+def test_pixel_column_round_trips_as_views_into_one_buffer() -> None:
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (h, 5, 3), dtype=np.uint8) for h in (2, 3, 4)]
+    column = schemas.pixel_column([images[0], None, images[1], images[2]])
+    assert column.null_count == 1 and column.nbytes >= sum(im.nbytes for im in images)
+    heights, widths = [2, None, 3, 4], [5, None, 5, 5]
+    views = schemas.image_views(column, heights, widths)
+    assert views[1] is None
+    assert all(np.array_equal(v, im) for v, im in zip([views[0], *views[2:]], images, strict=True))
+    data = np.frombuffer(column.buffers()[2], np.uint8)
+    assert all(np.shares_memory(v, data) for v in views if v is not None)  # no copy
+    # A slice (an offset into the buffers) and a chunked column give the same views.
+    sliced = schemas.image_views(column.slice(2), heights[2:], widths[2:])
+    assert all(np.array_equal(v, im) for v, im in zip(sliced, images[1:], strict=True))
+    chunked = schemas.image_views(pa.chunked_array([column.slice(0, 2), column.slice(2)]), heights, widths)
+    assert [v is None for v in chunked] == [False, True, False, False]
+    assert np.array_equal(chunked[3], images[2])
+
+
+def test_pixel_column_without_images_is_all_nulls() -> None:
+    column = schemas.pixel_column([None, None])
+    assert column.null_count == 2 and schemas.image_views(column, [None, None], [None, None]) == [None, None]
+
+
+def test_pair_schema_follows_the_task_modality() -> None:
+    text, image = schemas.pair_schema(RARE_DISEASE), schemas.pair_schema(TISSUE_TYPE)
+    assert text.names == image.names
+    assert text.field("prompt").type.value_type.field("content").type == pa.string()
+    content = image.field("prompt").type.value_type.field("content").type
+    assert content == pa.list_(pa.struct([("type", pa.string()), ("text", pa.string())]))
+    union = schemas.union_schema(text)
+    assert union.names[:len(text.names)] == text.names
+    assert {"stage", "reason", "detail", "kind", "case_paired", "dropped_pairs", "scored_at"} <= set(union.names)
+    assert set(schemas.QUARANTINE_SCHEMA.names) <= set(union.names)
