@@ -1,12 +1,17 @@
-"""Typed stage configs: YAML recipe -> dotted overrides -> pydantic model.
+"""Typed stage configs: YAML recipe -> dotted overrides -> references -> pydantic model.
 
 Every stage has one pydantic model (``extra="forbid"``), so a misspelled key is
 an error naming its path and the allowed names, never a silently ignored value.
+
+String values may refer to other keys of the same recipe (``${storage.root}``) and to
+environment variables (``${env:MINT_STORAGE_ROOT}``), resolved after the overrides: the
+production recipes name their bucket once, through ``storage.root``.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -80,6 +85,48 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+_REFERENCE = re.compile(r"\$\{([^}]*)\}")
+
+
+def resolve_references(data: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``data`` with ``${a.b}`` (another key's value) and ``${env:NAME}`` (an
+    environment variable) substituted in every string; a missing key or variable is a
+    ``ConfigError`` naming it."""
+
+    def lookup(expr: str, trail: tuple[str, ...]) -> str:
+        if expr.startswith("env:"):
+            name = expr[len("env:"):]
+            value = os.environ.get(name)
+            if not value:
+                raise ConfigError(f"the recipe refers to ${{env:{name}}} but {name} is not set in this "
+                                  f"process's environment: set it (on a cluster, in the nodes' environment) "
+                                  "or override the key with --set")
+            return value
+        if expr in trail:
+            raise ConfigError(f"the recipe's references loop: {' -> '.join((*trail, expr))}")
+        node: Any = data
+        for part in expr.split("."):
+            if not isinstance(node, dict) or node.get(part) is None:
+                raise ConfigError(f"the recipe refers to ${{{expr}}} but sets no {expr!r}: "
+                                  f"set it in the recipe or with --set {expr}=...")
+            node = node[part]
+        if isinstance(node, (dict, list)):
+            raise ConfigError(f"${{{expr}}} refers to a section, not a value")
+        return substitute(str(node), (*trail, expr))
+
+    def substitute(text: str, trail: tuple[str, ...]) -> str:
+        return _REFERENCE.sub(lambda m: lookup(m.group(1).strip(), trail), text)
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return substitute(node, ()) if isinstance(node, str) and "${" in node else node
+
+    return walk(data)
+
+
 def _allowed_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """The field names allowed at ``loc``'s parent, walking nested models."""
     current: Any = model
@@ -129,7 +176,8 @@ def build_config(model: type[C], data: dict[str, Any]) -> C:
 
 def load_config(model: type[C], path: str | os.PathLike | None = None,
                 overrides: list[str] | None = None) -> C:
-    """Read a YAML recipe (optional), apply dotted overrides, validate as ``model``."""
+    """Read a YAML recipe (optional), apply dotted overrides, resolve ``${...}`` references,
+    validate as ``model``."""
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -140,4 +188,4 @@ def load_config(model: type[C], path: str | os.PathLike | None = None,
             raise ConfigError(f"recipe {str(p)!r} must be a YAML mapping at the top level")
         data = loaded
     data = deep_merge(data, parse_overrides(overrides or []))
-    return build_config(model, data)
+    return build_config(model, resolve_references(data))

@@ -20,6 +20,7 @@ from mint_ray import storage
 from mint_ray.config import StrictModel, load_config
 from mint_ray.evaluation import promote
 from mint_ray.evaluation.promote import alias_holder
+from mint_ray.tasks import get_task
 
 RECIPES = Path(__file__).resolve().parents[1] / "jobs" / "recipes"
 CLI_FLAGS = {"root": "root", "tasks": "tasks", "quick": "quick", "serve": "serve"}
@@ -61,7 +62,7 @@ def _steps(task: str, root: str, quick: bool) -> list[Step]:
              (*common, f"cohort_uri={cohort}", f"teacher.uri={teacher}", f"output_uri={pairs}")),
         Step("compare", "mint_ray.evaluation.compare", f"compare_{task}.yaml",
              (*common, f"data_uri={pairs}", f"output_uri={storage.join(root, 'comparisons', task)}",
-              f"train.registry={{enabled: true, name: mint-{task}}}",
+              "train.registry.enabled=true",  # under the task's one name (Task.registered_model)
               *(["max_cases=20", "train.optim.max_steps=3"] if quick else ["max_cases=40"]))),
     ]
 
@@ -124,8 +125,8 @@ def run(cfg: Config) -> dict[str, Any]:
         timings.append((f"{task} promote", time.time() - t0))
         print(f"\n=== [{task}] promotion: {decision} ===", flush=True)
         # Serve whichever version holds the alias now (this run's, or an earlier champion).
-        if alias_holder(f"mint-{task}", "champion") is not None:
-            champions[task] = f"models:/mint-{task}@champion"
+        if alias_holder(get_task(task).registered_model, "champion") is not None:
+            champions[task] = get_task(task).registry_uri("champion")
     answers: dict[str, Any] = {}
     if cfg.serve and champions:
         from mint_ray.config import TrackingConfig

@@ -1,6 +1,7 @@
 """Promote a registered model version to an alias when its evaluation beats the holder.
 
-``mint-ray promote --name mint-rare_disease-orpo --version 4 --alias champion --metric top1 --margin 0.02``
+``mint-ray promote --task rare_disease --version 4 --alias champion --metric top1 --margin 0.02``
+(``--task`` promotes within the task's registered model, ``Task.registered_model``; ``--name`` names one)
 
 The evidence is the evaluation that ``mint-ray evaluate`` (or ``compare``) wrote
 on each model version as tags (``eval.top1``, ``eval.data_hash``...). The
@@ -20,25 +21,27 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from mint_ray.config import StorageConfig, StrictModel, TrackingConfig
 from mint_ray.errors import MintError
 from mint_ray.registry import parse_models_uri
+from mint_ray.tasks import TASKS, TaskName
 
 EVAL_PREFIX = "eval."
 PROMOTION_PREFIX = "promotion."
 # Evaluation context that must match for two versions' metrics to compare.
 SAME_EVALUATION = ("data_hash", "split", "n", "decoding", "prompt")
 
-CLI_FLAGS = {"name": "name", "version": "version", "alias": "alias", "metric": "metric",
+CLI_FLAGS = {"task": "task", "name": "name", "version": "version", "alias": "alias", "metric": "metric",
              "margin": "margin", "force": "force", "reason": "reason"}
 
 
 class Config(StrictModel):
     """``mint-ray promote``: move ``alias`` to ``version`` of ``name`` if its evaluation is better."""
 
-    name: str = Field(description="registered model name, e.g. mint-rare_disease-orpo")
+    task: TaskName | None = Field(None, description="promote within this task's registered model")
+    name: str = Field(description="registered model name (default: the task's, e.g. mint-rare-disease-text)")
     version: str | None = Field(None, description="default: the latest version")
     alias: str = "champion"
     metric: str = Field("top1", description="a report metric: top1, top5, top10, mrr, car, parseable")
@@ -47,6 +50,14 @@ class Config(StrictModel):
     reason: str | None = Field(None, description="a note recorded with the decision (say why when forcing)")
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_from_task(cls, data: Any) -> Any:
+        # The registry name is defined once, by the task; a recipe names the task.
+        if isinstance(data, dict) and not data.get("name") and data.get("task") in TASKS:
+            return {**data, "name": TASKS[data["task"]].registered_model}
+        return data
 
     @field_validator("version", mode="before")
     @classmethod

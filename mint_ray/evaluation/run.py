@@ -1,6 +1,6 @@
 """Evaluate a student on a test split: generation, the paper's metrics, a report.
 
-``mint-ray evaluate --task rare_disease --model models:/mint-rare_disease-orpo@champion --data s3://b/preferences/rare_disease``
+``mint-ray evaluate --task rare_disease --model models:/mint-rare-disease-text@champion --data s3://b/preferences/rare_disease``
 
 The model is a local or ``s3://`` directory, a registered version
 (``models:/name/3``, ``models:/name@alias``) or a bare base checkpoint. The

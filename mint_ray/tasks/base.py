@@ -37,7 +37,13 @@ class ParsedAnswer:
 
 @dataclass(frozen=True)
 class Task:
-    """One task's contract. ``labels`` may be filled from a cohort (rare diseases)."""
+    """One task's contract. ``labels`` may be filled from a cohort (rare diseases).
+
+    ``registered_model`` is the one MLflow registry name of the task's students: training
+    registers every arm under it (versions differ by objective), evaluation, promotion, the
+    demo and serving address it (``models:/<name>@champion``). Recipes and the serving
+    configs that spell it out are checked against it (``tools.validate_manifests``).
+    """
 
     name: str
     modality: Literal["text", "image"]
@@ -48,6 +54,11 @@ class Task:
     instruction: str
     quote_items: bool
     labels: tuple[str, ...] = field(default_factory=tuple)
+    registered_model: str = ""
+
+    def registry_uri(self, alias: str = "champion") -> str:
+        """``models:/<registered_model>@<alias>``: what serving loads."""
+        return f"models:/{self.registered_model}@{alias}"
 
     # ---- prompt -----------------------------------------------------------
     def user_text(self, note: str | None = None, candidates: list[str] | None = None,

@@ -19,4 +19,5 @@ RARE_DISEASE = Task(
         "quotes. Give no explanations."
     ),
     quote_items=True,
+    registered_model="mint-rare-disease-text",
 )

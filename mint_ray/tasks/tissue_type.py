@@ -27,6 +27,7 @@ TISSUE_TYPE = Task(
     ),
     quote_items=False,
     labels=TISSUE_TYPES,
+    registered_model="mint-tissue-type-vision",
 )
 
 

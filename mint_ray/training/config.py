@@ -88,7 +88,8 @@ class CheckpointConfig(StrictModel):
 
 class RegistryConfig(StrictModel):
     enabled: bool = True
-    name: str | None = None  # default: mint-<task>-<objective>
+    # Default: the task's one registry name (Task.registered_model); every arm is a version of it.
+    name: str | None = None
 
 
 class Config(StrictModel):

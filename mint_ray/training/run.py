@@ -142,8 +142,8 @@ def run(cfg: Config) -> dict[str, Any]:
         run_.log_dict(training, "training_summary.json")
         registered = {}
         if run_.run_id:
-            name = (cfg.registry.name or f"mint-{cfg.task}-{cfg.objective}") if cfg.registry.enabled else None
-            registered = log_student(local, name, {
+            name = (cfg.registry.name or get_task(cfg.task).registered_model) if cfg.registry.enabled else None
+            registered = log_student(local, name, model_uri=model_uri, tags={
                 "data.uri": cfg.data.uri, "data.content_hash": manifest.content_hash,
                 "base_model": base_name, "objective": cfg.objective, "task": cfg.task,
                 "teacher": str(metadata["teacher"].get("name", "")),
