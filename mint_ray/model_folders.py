@@ -111,9 +111,7 @@ def download_dir(uri: str, target: str | Path) -> Path:
     prefix = _listing_prefix(uri)
     out = Path(target)
     for file_uri in files:
-        dest = out / file_uri[len(prefix):]
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(storage.read_bytes(file_uri))
+        storage.download_file(file_uri, out / file_uri[len(prefix):])  # streamed: shards are GBs
     return out
 
 
@@ -166,6 +164,6 @@ def publish_dir(local_dir: str | Path, uri: str, *, marker: str = METADATA_FILE,
         storage.delete_tree(uri)
     base = Path(local_dir)
     files = sorted((p for p in base.rglob("*") if p.is_file()), key=lambda p: (p.name == marker, str(p)))
-    for path in files:
-        storage.write_bytes(storage.join(uri, path.relative_to(base).as_posix()), path.read_bytes())
+    for path in files:  # streamed (multipart on S3): a shard of several GB never sits in memory
+        storage.upload_file(path, storage.join(uri, path.relative_to(base).as_posix()))
     return uri

@@ -88,15 +88,65 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(path).expanduser().absolute())
 
 
-def _explain(uri: str, err: Exception) -> StorageError:
+# The IAM action S3 checks for each request pyarrow names in its errors ("during X operation").
+_OPERATION_ACTIONS = {
+    "HeadBucket": "s3:ListBucket", "ListObjects": "s3:ListBucket", "ListObjectsV2": "s3:ListBucket",
+    "HeadObject": "s3:GetObject", "GetObject": "s3:GetObject", "PutObject": "s3:PutObject",
+    "CreateMultipartUpload": "s3:PutObject", "UploadPart": "s3:PutObject",
+    "CompleteMultipartUpload": "s3:PutObject", "CopyObject": "s3:GetObject + s3:PutObject",
+    "AbortMultipartUpload": "s3:AbortMultipartUpload", "DeleteObject": "s3:DeleteObject",
+    "DeleteObjects": "s3:DeleteObject",
+}
+_BUCKET_ACTIONS = {"s3:ListBucket"}
+
+
+def credential_source() -> str:
+    """Who this process is to S3: an access key from the environment, or a role."""
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        return "the access key in AWS_ACCESS_KEY_ID"
+    if os.environ.get("AWS_ROLE_ARN"):
+        return f"the role {os.environ['AWS_ROLE_ARN']} (service account, IRSA)"
+    return "this node's role (instance profile or pod identity)"
+
+
+def denied_hint(uri: str, text: str, action: str | None = None) -> str:
+    """What was refused, on which resource, and for whom: the S3 action and the ARN (from
+    pyarrow's message when it names the request), worded for keys or for roles."""
+    m = re.search(r"during (\w+) operation", text)
+    operation = m.group(1) if m else None
+    action = _OPERATION_ACTIONS.get(operation or "", action) or "the request"
+    bucket = bucket_of(uri)
+    km = re.search(r"key '([^']*)' in bucket '([^']*)'", text)
+    key = km.group(1) if km else uri[len("s3://"):].split("/", 1)[1] if "/" in uri[len("s3://"):] else ""
+    bucket = km.group(2) if km else bucket
+    if action in _BUCKET_ACTIONS:
+        resource = f"arn:aws:s3:::{bucket}" + (f" (prefix {key!r})" if key and operation != "HeadBucket" else "")
+    else:
+        resource = f"arn:aws:s3:::{bucket}/{key}"
+    what = f"{action} on {resource}" + (f" ({operation})" if operation else "")
+    note = (" (S3 answers 403, not 404, for a missing key where s3:ListBucket is not allowed)"
+            if operation == "HeadObject" else "")
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        return (f"S3 refused the credentials or the permission: {what}, for the access key in "
+                "AWS_ACCESS_KEY_ID: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and that the key's "
+                f"policy allows {action} there{note}")
+    return (f"S3 denied {what} to {credential_source()}: the role's policy must allow {action} there "
+            f"(infra/terraform/iam.tf: stage_prefixes read/write, input_prefixes read){note}")
+
+
+def _explain(uri: str, err: Exception, action: str | None = None) -> StorageError:
     text = str(err)
     endpoint = os.environ.get("AWS_ENDPOINT_URL", "the default AWS endpoint")
     if "NETWORK_CONNECTION" in text or "Couldn't connect" in text or "curlCode: 7" in text:
         hint = f"cannot reach the S3 endpoint {endpoint}: check AWS_ENDPOINT_URL and that the server is up"
-    elif "ACCESS_DENIED" in text or "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text:
-        hint = "S3 refused the credentials: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
     elif "NoSuchBucket" in text or "NO_SUCH_BUCKET" in text:
         hint = f"bucket {bucket_of(uri)!r} does not exist: create it first"
+    elif "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text:
+        hint = ("S3 refused the credentials: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+                if os.environ.get("AWS_ACCESS_KEY_ID") else
+                f"S3 refused the credentials of {credential_source()}: check the role and the clock")
+    elif "ACCESS_DENIED" in text or "AccessDenied" in text:
+        hint = denied_hint(uri, text, action)
     else:
         hint = text.splitlines()[0] if text else type(err).__name__
     return StorageError(redact(f"{uri}: {hint}"))
@@ -122,7 +172,7 @@ def check_reachable(uri: str) -> None:
     try:
         info = fs.get_file_info(bucket)
     except OSError as err:
-        raise _explain(uri, err) from None
+        raise _explain(uri, err, "s3:ListBucket") from None
     if info.type == pafs.FileType.NotFound:
         raise StorageError(f"{uri}: bucket {bucket!r} does not exist: create it first "
                            "(or fix the bucket name in the URI)")
@@ -145,7 +195,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         with fs.open_output_stream(path) as out:
             out.write(data)
     except OSError as err:
-        raise _explain(uri, err) from None
+        raise _explain(uri, err, "s3:PutObject") from None
 
 
 def read_bytes(uri: str) -> bytes:
@@ -156,7 +206,34 @@ def read_bytes(uri: str) -> bytes:
     except FileNotFoundError:
         raise StorageError(f"{uri}: no such file") from None
     except OSError as err:
-        raise _explain(uri, err) from None
+        raise _explain(uri, err, "s3:GetObject") from None
+
+
+def upload_file(local_path: str | Path, uri: str) -> None:
+    """Stream a local file to ``uri`` (multipart on S3): model shards of several GB never
+    sit in memory whole."""
+    fs, path = filesystem(uri)
+    try:
+        if not is_s3(uri):
+            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        pafs.copy_files(str(Path(local_path).absolute()), path, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=fs, chunk_size=8 * 2**20)
+    except OSError as err:
+        raise _explain(uri, err, "s3:PutObject") from None
+
+
+def download_file(uri: str, local_path: str | Path) -> None:
+    """Stream ``uri`` into a local file (parents created)."""
+    fs, path = filesystem(uri)
+    target = Path(local_path).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        pafs.copy_files(path, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem(),
+                        chunk_size=8 * 2**20)
+    except FileNotFoundError:
+        raise StorageError(f"{uri}: no such file") from None
+    except OSError as err:
+        raise _explain(uri, err, "s3:GetObject") from None
 
 
 def delete_file(uri: str) -> None:
@@ -167,7 +244,7 @@ def delete_file(uri: str) -> None:
     except FileNotFoundError:
         pass
     except OSError as err:
-        raise _explain(uri, err) from None
+        raise _explain(uri, err, "s3:DeleteObject") from None
 
 
 def delete_tree(uri: str) -> None:
@@ -176,7 +253,7 @@ def delete_tree(uri: str) -> None:
         if fs.get_file_info(path).type != pafs.FileType.NotFound:
             fs.delete_dir(path)
     except OSError as err:
-        raise _explain(uri, err) from None
+        raise _explain(uri, err, "s3:DeleteObject") from None
 
 
 def list_files(uri: str) -> list[str]:
@@ -185,7 +262,7 @@ def list_files(uri: str) -> list[str]:
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     except OSError as err:
-        raise _explain(uri, err) from None
+        raise _explain(uri, err, "s3:ListBucket") from None
     prefix = "s3://" if is_s3(uri) else ""
     return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File)
 

@@ -75,8 +75,8 @@ def test_publish_writes_the_marker_last_and_refuses_to_overwrite(tmp_path: Path,
     src = _model(tmp_path / "src", b"v1")
     dest = str(tmp_path / "published")
     written: list[str] = []
-    real_write = storage.write_bytes
-    monkeypatch.setattr(storage, "write_bytes", lambda uri, data: (written.append(uri), real_write(uri, data)))
+    real_upload = storage.upload_file  # streamed, not read whole (shards are GBs)
+    monkeypatch.setattr(storage, "upload_file", lambda path, uri: (written.append(uri), real_upload(path, uri)))
     model_folders.publish_dir(src, dest)
     assert written[-1].endswith(METADATA_FILE) and len(written) == 3
     assert model_folders.read_metadata(dest)["weights"] == "v1"

@@ -309,7 +309,8 @@ def export_model(engine: Any, cfg: Config, base_dir: Path, tokenizer: Any, proce
         model = model.merge_and_unload()
     metadata = {**loop_config["metadata"], "training": summary}
     with tempfile.TemporaryDirectory() as out:
-        model.save_pretrained(out)
+        # 5 GB shards: each file is one streamed multipart upload, well under S3's limits.
+        model.save_pretrained(out, max_shard_size="5GB")
         tokenizer.save_pretrained(out)
         if processor is not None:
             processor.save_pretrained(out)
