@@ -27,7 +27,8 @@ from mint_ray.data import synth
 from mint_ray.errors import ConfigError, StorageError
 from mint_ray.preferences import pipeline, schemas, validate
 from mint_ray.preferences.config import Config
-from mint_ray.preferences.pipeline import TeacherScorer, catalog_names, run
+from mint_ray.preferences.pipeline import TeacherScorer, run
+from mint_ray.preferences.plan import catalog_names
 from mint_ray.tasks import RARE_DISEASE, TISSUE_TYPE, TISSUE_TYPES
 from mint_ray.teachers import Case, save_teacher_dir
 from mint_ray.teachers.clip import ClipSettings, build_tiny_clip

@@ -7,9 +7,18 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
-from mint_ray.preferences import schemas
+from mint_ray.config import build_config
+from mint_ray.errors import ConfigError
+from mint_ray.preferences import plan, schemas
+from mint_ray.preferences.config import Config
 from mint_ray.tasks import RARE_DISEASE, TISSUE_TYPE
+
+
+def _cfg(**values: object) -> Config:
+    return build_config(Config, {"task": "rare_disease", "cohort_uri": "/nowhere", "teacher": {"uri": "/t"},
+                                 "tracking": {"enabled": False}, **values})
 
 # ---------------------------------------------------------------- schemas and builders
 
@@ -65,3 +74,34 @@ def test_pair_schema_follows_the_task_modality() -> None:
     assert union.names[:len(text.names)] == text.names
     assert {"stage", "reason", "detail", "kind", "case_paired", "dropped_pairs", "scored_at"} <= set(union.names)
     assert set(schemas.QUARANTINE_SCHEMA.names) <= set(union.names)
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def test_catalog_names_read_either_manifest_form() -> None:
+    assert plan.catalog_names({"label_catalog": [{"name": "A", "id": "X:1"}, "B"]}) == ["A", "B"]
+    assert plan.catalog_names({"labels": ["C"]}) == ["C"] and plan.catalog_names({}) == []
+
+
+def test_configured_task_overrides_only_what_is_set() -> None:
+    assert plan.configured_task(_cfg()) is RARE_DISEASE
+    task = plan.configured_task(_cfg(prompt={"system_prompt": "Be brief."}))
+    assert task.system_prompt == "Be brief." and task.instruction == RARE_DISEASE.instruction
+
+
+def test_pair_rule_defaults_to_the_task_and_names_the_fix() -> None:
+    rule = plan.pair_rule(_cfg(pairs={"q": 4}), RARE_DISEASE, 30)
+    assert (rule.k, rule.q, rule.pairs_per_case) == (RARE_DISEASE.n_answers, 4, 1)
+    with pytest.raises(ConfigError, match=r"lower pairs\.k"):
+        plan.pair_rule(_cfg(pairs={"pairs_per_case": 3}), RARE_DISEASE, 30)
+
+
+def test_validation_rules_need_what_the_task_or_teacher_reads() -> None:
+    info = plan.TeacherInfo("/t", "tissue_type", "clip", "t", "v", ("a", "b"), ("image",), None, None)
+    rules = plan.validation_rules(_cfg(task="tissue_type", splits=["train"], limits={"max_image_bytes": 9}),
+                                  TISSUE_TYPE, info)
+    assert (rules.needs_image, rules.needs_note, rules.max_image_bytes) == (True, False, 9)
+    assert rules.labels == {"a", "b"} and rules.splits == {"train"}
+    text = plan.validation_rules(_cfg(), RARE_DISEASE, info)
+    assert text.needs_note and text.needs_image  # the teacher requires images
