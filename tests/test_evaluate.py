@@ -17,7 +17,7 @@ import ray
 
 from mint_ray import storage
 from mint_ray.cli import main
-from mint_ray.config import build_config
+from mint_ray.config import build_config, load_config
 from mint_ray.errors import MintError
 from mint_ray.evaluation import compare, promote, rag
 from mint_ray.evaluation import run as evaluate
@@ -52,13 +52,13 @@ def _items(task: str, messages: list[dict[str, Any]]) -> list[str]:
     return get_task(task).parse_answer(content if isinstance(content, str) else content[0]["text"]).items
 
 
-def write_prefs(uri: str, task: str, n_test: int, n_train: int = 0) -> storage.Manifest:
-    """A preference dataset with ``n_train`` train and ``n_test`` test rows (ids ``train-s0``,
-    ``test-s0``...) and the teacher's lists, read back from the pairs' answers (the prefdata
-    teacher ranks the truth first)."""
+def write_prefs(uri: str, task: str, n_test: int, n_train: int = 0, n_validation: int = 0) -> storage.Manifest:
+    """A preference dataset with ``n_train`` train, ``n_validation`` validation and ``n_test``
+    test rows (ids ``train-s0``, ``test-s0``...) and the teacher's lists, read back from the
+    pairs' answers (the prefdata teacher ranks the truth first)."""
     write = write_vision_prefs if task == "tissue_type" else write_text_prefs
     parts = []
-    for split, n, seed in (("train", n_train, 0), ("test", n_test, 1)):
+    for split, n, seed in (("train", n_train, 0), ("validation", n_validation, 2), ("test", n_test, 1)):
         if n:
             meta = write(f"{uri}-{split}", n, seed=seed, split=split).meta
             table = storage.read_dataset(f"{uri}-{split}")
@@ -244,6 +244,19 @@ def test_registered_model_by_alias_is_pinned_evaluated_and_tagged(
     ({"arms": [{"name": "base", "kind": "base", "model_uri": "/x"}]}, "set that instead of model_uri"),
     ({"arms": [{"name": "a", "kind": "model"}, {"name": "a", "kind": "base"}]}, "needs model_uri"),
     ({"arms": [{"name": "a", "kind": "base"}, {"name": "a", "kind": "teacher"}]}, "must be unique"),
+    # Keys the comparison sets itself are refused by name, never dropped.
+    ({"arms": [{"name": "s", "kind": "sft", "train": {"objective": "orpo", "model": {"path": "/m"}}}]},
+     r"arm s: train sets objective \(the arm's kind\); model.path \(an arm starts from the base"),
+    ({"train": {"data": {"uri": "/other"}, "tracking": {"enabled": False}}},
+     r"train sets tracking \(the comparison's own tracking\); data \(set data_uri and train_splits, or an "),
+    ({"arms": [{"name": "s", "kind": "sft", "train": {"data": {"splits": ["train", "test"]}}}]},
+     r"arm s: train.data.splits \['train', 'test'\] hold the test split"),
+    # Equal budgets: DPO from an SFT arm that already took the whole budget has none left.
+    ({"arms": [{"name": "sft", "kind": "sft"}, {"name": "dpo", "kind": "dpo", "init_from": "sft"}],
+      "train": {"optim": {"max_steps": 240}}}, "whose 240 steps already use the budget of 240"),
+    ({"arms": [{"name": "o", "kind": "orpo", "budget": "own", "train": {"optim": {"max_steps": 5}}}]},
+     "budget own and train.optim.max_steps both set"),
+    ({"arms": [{"name": "b", "kind": "base", "budget": "own"}]}, "apply to trained kinds"),
 ])
 def test_compare_configs_that_cannot_work_are_refused(values: dict[str, Any], match: str) -> None:
     with pytest.raises(MintError, match=match):
@@ -258,8 +271,56 @@ def test_compare_checks_training_configs_and_rows_first(tmp_path: Path) -> None:
                                         "train": {"optim": {"max_stepz": 1}}})
     with pytest.raises(MintError, match=r"train settings of arm sft: .*unknown key 'optim.max_stepz'"):
         compare.prepare_arms(cfg, test, "")
-    with pytest.raises(MintError, match=r"no rows in train_splits \['train'\]"):
+    with pytest.raises(MintError, match=r"train settings of arm s: .*unknown key 'data.targt'"):
+        compare.prepare_arms(cfg.model_copy(update={"train": {}, "arms": [
+            compare.ArmConfig(name="s", kind="sft", train={"data": {"targt": "ground_truth"}})]}), test, "")
+    with pytest.raises(MintError, match=r"arm sft: .* no rows to train on in splits \['train'\]"):
         compare.prepare_arms(cfg.model_copy(update={"train": {}}), test, "")
+    # An arm's own data is read, not the shared one: no validation rows here either.
+    arms = [compare.ArmConfig(name="u", kind="orpo", train={"data": {"splits": ["validation"]}})]
+    with pytest.raises(MintError, match=r"arm u: .* no rows to train on in splits \['validation'\]"):
+        compare.prepare_arms(cfg.model_copy(update={"train": {}, "arms": arms}), test, "")
+
+
+SCARCE = Path(__file__).parent.parent / "jobs" / "recipes" / "compare_rare_disease_scarce_labels.yaml"
+
+
+def test_scarce_labels_recipe_trains_each_arm_on_its_own_data_at_one_budget() -> None:
+    cfg = load_config(compare.Config, SCARCE)
+    trained = {a.name: compare.train_config(cfg, a, "/base", cfg.own_steps(a, 0))
+               for a in cfg.arm_configs if a.kind in compare.TRAINED}
+    assert [a.kind for a in cfg.arm_configs] == ["orpo", "sft", "sft", "sft", "teacher"]
+    data = {name: (t.objective, t.data.splits, t.data.target, t.data.filter) for name, t in trained.items()}
+    assert data == {
+        "orpo_lu": ("orpo", ["train", "validation"], "chosen", "all"),
+        "sft_truth_l": ("sft", ["train"], "ground_truth", "with_ground_truth"),
+        "sft_teacher_lu": ("sft", ["train", "validation"], "chosen", "all"),
+        "oracle_sft_truth_lu": ("sft", ["train", "validation"], "ground_truth", "all")}
+    assert {t.data.uri for t in trained.values()} == {cfg.data_uri}
+    assert cfg.budget_steps == 1200 and {t.optim.max_steps for t in trained.values()} == {1200}
+    assert {t.loss.nll_over for t in trained.values()} == {t.loss.sft_nll_over for t in trained.values()} \
+        == {"response"}
+    assert compare.data_text(trained["sft_truth_l"].data) == (
+        "./mint-data/preferences/rare_disease_scarce [train], target ground_truth, filter with_ground_truth")
+
+
+def test_an_arm_started_from_another_trains_the_rest_of_the_budget() -> None:
+    arms = [{"name": "sft", "kind": "sft", "train": {"optim": {"max_steps": 100}}},
+            {"name": "dpo", "kind": "dpo", "init_from": "sft"},
+            {"name": "dpo2", "kind": "dpo", "init_from": "sft", "budget": "own"},
+            {"name": "orpo", "kind": "orpo"}]
+    cfg = build_config(compare.Config, {"task": "rare_disease", "data_uri": "/d", "arms": arms,
+                                        "train": {"optim": {"max_steps": 240}}})
+    sft, dpo, dpo2, orpo = cfg.arm_configs
+    assert [cfg.own_steps(sft, 0), cfg.own_steps(dpo, 100), cfg.own_steps(dpo2, 100), cfg.own_steps(orpo, 0)] \
+        == [100, 140, 240, 240]
+    # From the steps the starting arm really took (its epochs may end it early).
+    assert compare.train_config(cfg, dpo, "/runs/sft", cfg.own_steps(dpo, 90)).optim.max_steps == 150
+    with pytest.raises(MintError, match="whose steps are unknown"):
+        cfg.own_steps(dpo, None)
+    # The paper's default arms: DPO after SFT on a budget of its own (the report marks it).
+    default = build_config(compare.Config, {"task": "rare_disease", "data_uri": "/d"})
+    assert next(a for a in default.arm_configs if a.kind == "dpo").budget == "own"
 
 
 @pytest.mark.parametrize(("lora", "reference"), [(True, None), (False, "/runs/sft")])
@@ -291,6 +352,11 @@ def test_compare_trains_the_arms_and_writes_one_report(tmp_path: Path, capsys) -
     printed = capsys.readouterr().out
     table = printed[printed.index("| arm |"):]
     assert all(f"| {arm} | 4 |" in table for arm in arms)
+    # DPO after SFT takes a budget of its own on top: its 2 steps are marked against the budget of 1.
+    steps = {arm: (summary["arms"][arm]["steps"], summary["arms"][arm]["budget"]) for arm in arms}
+    assert steps == {"base": (0, "n/a"), "sft": (1, "equal"), "orpo": (1, "equal"), "teacher": (None, "n/a"),
+                     "dpo": (2, "**differs: 2 steps vs 1 for the budget**"), "rag": (0, "n/a")}
+    assert summary["arms"]["dpo"]["tokens"] > summary["arms"]["sft"]["tokens"] > 0
     report = Path(summary["report_uri"])
     assert (report / "accuracy.png").stat().st_size > 0 and "| orpo |" in (report / "report.md").read_text()
     assert len(_jsonl(report / "generations.jsonl")) == 4 * len(arms)
@@ -305,3 +371,31 @@ def test_compare_trains_the_arms_and_writes_one_report(tmp_path: Path, capsys) -
         assert client.get_run(run_id).data.metrics["eval.test.n"] == 4
     comparison = client.get_run(summary["mlflow_run_id"]).data.metrics
     assert comparison["teacher.top1"] == 1.0 and "rag.top10" in comparison
+
+
+@pytest.mark.slow
+def test_scarce_labels_recipe_runs_reduced(tmp_path: Path) -> None:
+    """The scarce-labels recipe as written, reduced through overrides to a few cases and steps."""
+    prefs = str(tmp_path / "prefs")
+    write_prefs(prefs, "rare_disease", n_test=3, n_train=4, n_validation=4)
+    cfg = load_config(compare.Config, SCARCE, [
+        f"data_uri={prefs}", f"output_uri={tmp_path}/compare", f"storage.root={tmp_path}",
+        f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "bootstrap_resamples=50",
+        "generation={max_new_tokens: 8, batch_size: 4}",
+        "train.model.tiny={vocab_size: 400, hidden_size: 32, intermediate_size: 64}",
+        "train.optim={max_steps: 2, micro_batch_size: 2}", "train.scaling.num_workers=1",
+        "train.deepspeed.zero_stage=2"])
+    summary = compare.run(cfg)
+    arms = summary["arms"]
+    assert list(arms) == ["orpo_lu", "sft_truth_l", "sft_teacher_lu", "oracle_sft_truth_lu", "teacher"]
+    for name in ("orpo_lu", "sft_truth_l", "sft_teacher_lu", "oracle_sft_truth_lu"):
+        assert (arms[name]["steps"], arms[name]["budget"]) == (2, "equal") and arms[name]["tokens"] > 0
+        meta = json.loads((Path(arms[name]["model_uri"]) / METADATA_FILE).read_text())
+        assert meta["training"]["data"]["rows_in"] == (4 if name == "sft_truth_l" else 8)
+    assert arms["sft_truth_l"]["data"].endswith("[train], target ground_truth, filter with_ground_truth")
+    assert arms["oracle_sft_truth_lu"]["data"].endswith("[train, validation], target ground_truth")
+    # A one-item truth is a shorter answer than the teacher's list: fewer tokens over the same rows.
+    assert arms["oracle_sft_truth_lu"]["tokens"] < arms["sft_teacher_lu"]["tokens"]
+    md = (Path(summary["report_uri"]) / "report.md").read_text()
+    assert "Step budget: 2 optimizer steps per trained arm" in md
+    assert "| sft_truth_l | sft |" in md and "| teacher | teacher | the teacher's ranking" in md

@@ -8,7 +8,25 @@ preference data only (never on a test case); DPO starts from the SFT arm's
 model, as in the paper. All arms
 are then answered with the same generation settings on the same test cases and
 scored into one report (``<output>/report``): the metrics table with bootstrap
-intervals, the per-label table, the bar chart and every raw generation.
+intervals, each arm's training (data, steps, tokens), the per-label table, the
+bar chart and every raw generation.
+
+Per-arm data: an arm's ``train.data`` (the training stage's ``DataConfig``:
+``uri``, ``splits``, ``target``, ``filter``) is merged over ``data_uri`` and
+``train_splits``, so arms can train on different rows and answers, e.g. SFT on
+the ground truth of the labelled cases only (``splits: [train], target:
+ground_truth``) beside ORPO on the teacher's pairs over labelled + unlabelled
+cases (``splits: [train, validation]``). No arm may train on the test split.
+Keys the comparison sets itself (the objective, the start model, where runs are
+written...) are refused in ``train`` blocks with their name, never dropped.
+
+Step budget: the shared ``train.optim.max_steps`` (``--max-steps``) is the
+budget of every trained arm, counted from the base model: an arm that starts
+from another (``init_from``) trains the budget minus that arm's steps, so all
+arms train the same number of steps by default. ``budget: own`` gives an arm a
+whole budget on top of the arm it starts from (the paper's DPO after SFT), and
+an arm's own ``train.optim.max_steps`` sets its steps outright; the report
+marks every arm whose total differs. Without a budget the arms train by epochs.
 
 - ``base``: the base checkpoint (``train.model.path``, or a tiny model built
   here from the training texts for local runs); ``rag``: the same model with
@@ -29,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
@@ -38,7 +57,15 @@ from mint_ray.config import RayConfig, StorageConfig, StrictModel, TrackingConfi
 from mint_ray.errors import ConfigError, MintError
 from mint_ray.evaluation import promote
 from mint_ray.evaluation.generate import GenerationConfig, generate
-from mint_ray.evaluation.report import metrics_markdown, render_report, write_report
+from mint_ray.evaluation.report import (
+    ArmTraining,
+    budget_marks,
+    metrics_markdown,
+    render_report,
+    to_markdown,
+    training_table,
+    write_report,
+)
 from mint_ray.evaluation.run import (
     PreparedModel,
     RetrievalConfig,
@@ -54,6 +81,7 @@ from mint_ray.tasks import Task, get_task
 
 if TYPE_CHECKING:
     from mint_ray.training.config import Config as TrainConfig
+    from mint_ray.training.config import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +94,48 @@ CLI_FLAGS = {"task": "task", "data": "data_uri", "split": "split", "max-cases": 
              "gpus-per-actor": "generation.num_gpus_per_actor", "max-steps": "train.optim.max_steps",
              "overwrite": "storage.overwrite"}
 
+# Training keys the comparison sets itself, and where they come from instead. An arm's
+# (or the shared) ``train`` block that sets one is refused with its name: it would lose.
+_SET_HERE = {
+    "task": "the comparison's task",
+    "objective": "the arm's kind",
+    "model.kind": "the task decides it",
+    "output_uri": "every arm writes under the comparison's output_uri",
+    "run_name": "every arm's run is named compare-<task>-<arm>",
+    "storage": "the comparison's own storage",
+    "tracking": "the comparison's own tracking",
+    "ray": "the comparison's own ray",
+}
+_START = "an arm starts from the base model (the shared train.model.path or train.model.tiny) or from init_from"
+ARM_SET_HERE = {**_SET_HERE, "model.path": _START, "model.tiny": _START}
+SHARED_SET_HERE = {**_SET_HERE, "data": "set data_uri and train_splits, or an arm's train.data"}
+
+
+def keys_set_here(train: Mapping[str, Any], set_here: Mapping[str, str]) -> list[str]:
+    """The dotted keys of ``set_here`` that ``train`` sets (pure)."""
+    found = []
+    for key in set_here:
+        node: Any = train
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, Mapping) and part in node else KeyError
+        if node is not KeyError:
+            found.append(key)
+    return found
+
+
+def _refuse_set_here(train: Mapping[str, Any], set_here: Mapping[str, str], where: str) -> None:
+    keys = keys_set_here(train, set_here)
+    if keys:
+        raise ValueError(f"{where} sets " + "; ".join(f"{k} ({set_here[k]})" for k in keys)
+                         + ": the comparison sets these itself, remove them")
+
+
+def _max_steps(train: Mapping[str, Any]) -> int | None:
+    """``optim.max_steps`` of a raw ``train`` block when it is a step count (else the build says why)."""
+    optim = train.get("optim")
+    value = optim.get("max_steps") if isinstance(optim, Mapping) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
 
 class ArmConfig(StrictModel):
     """One arm of the comparison."""
@@ -74,7 +144,12 @@ class ArmConfig(StrictModel):
     kind: ArmKind
     model_uri: str | None = Field(None, description="reuse this model (no training); required for kind model")
     init_from: str | None = Field(None, description="a trained arm whose model this one starts from")
-    train: dict[str, Any] = Field(default_factory=dict, description="training config overrides of this arm")
+    train: dict[str, Any] = Field(default_factory=dict, description=(
+        "training config overrides of this arm; train.data (uri, splits, target, filter) is merged over "
+        "data_uri and train_splits; train.optim.max_steps sets the arm's own steps"))
+    budget: Literal["total", "own"] = Field("total", description=(
+        "total: the arm trains the step budget counted from the base model (minus the steps of the arm it "
+        "starts from); own: a whole budget of its own on top of that arm (marked in the report)"))
 
     @model_validator(mode="after")
     def _consistent(self) -> ArmConfig:
@@ -86,16 +161,21 @@ class ArmConfig(StrictModel):
         if self.kind in ("base", "rag") and self.model_uri:
             raise ValueError(f"arm {self.name}: the base model of every arm is train.model.path (a tiny one "
                              "is built without it); set that instead of model_uri, or use kind model")
-        if (self.init_from or self.train) and self.kind not in TRAINED:
-            raise ValueError(f"arm {self.name}: init_from and train apply to trained kinds "
+        if (self.init_from or self.train or self.budget != "total") and self.kind not in TRAINED:
+            raise ValueError(f"arm {self.name}: init_from, train and budget apply to trained kinds "
                              f"({', '.join(TRAINED)}), not {self.kind}")
+        _refuse_set_here(self.train, ARM_SET_HERE, f"arm {self.name}: train")
+        if self.budget == "own" and _max_steps(self.train) is not None:
+            raise ValueError(f"arm {self.name}: budget own and train.optim.max_steps both set its own steps: "
+                             "keep one")
         return self
 
 
 def default_arms(task: str) -> list[ArmConfig]:
     """The paper's arms; RAG only for the text task."""
+    # DPO starts from the SFT arm, as in the paper, with a budget of its own on top (marked).
     arms = [ArmConfig(name="base", kind="base"), ArmConfig(name="sft", kind="sft"),
-            ArmConfig(name="dpo", kind="dpo", init_from="sft"), ArmConfig(name="orpo", kind="orpo"),
+            ArmConfig(name="dpo", kind="dpo", init_from="sft", budget="own"), ArmConfig(name="orpo", kind="orpo"),
             ArmConfig(name="teacher", kind="teacher")]
     return [*arms, ArmConfig(name="rag", kind="rag")] if get_task(task).modality == "text" else arms
 
@@ -135,7 +215,55 @@ class Config(StrictModel):
         if self.split in self.train_splits:
             raise ValueError(f"split {self.split!r} is also in train_splits: the arms would be trained on "
                              "their test cases")
+        _refuse_set_here(self.train, SHARED_SET_HERE, "train")
+        planned: dict[str, int | None] = {}
+        for arm in arms:
+            if arm.kind not in TRAINED:
+                continue
+            data = self.arm_data(arm)
+            splits = data.get("splits") if isinstance(data, dict) else None
+            if isinstance(splits, list) and self.split in splits:
+                raise ValueError(f"arm {arm.name}: train.data.splits {splits} hold the test split "
+                                 f"{self.split!r}: the arm would be trained on its test cases")
+            # The budget is checked here as planned (a given model's steps are known only when read).
+            chain = planned.get(arm.init_from) if arm.init_from else 0
+            own = None if arm.model_uri or chain is None else self.own_steps(arm, chain)
+            planned[arm.name] = None if own is None or chain is None else chain + own
         return self
+
+    @property
+    def budget_steps(self) -> int | None:
+        """The step budget of every trained arm: the shared ``train.optim.max_steps``."""
+        return _max_steps(self.train)
+
+    def arm_data(self, arm: ArmConfig) -> Any:
+        """The arm's ``train.data`` merged over ``data_uri`` and ``train_splits`` (raw: the
+        training config types it)."""
+        data = arm.train.get("data", {})
+        default = {"uri": self.data_uri, "splits": self.train_splits}
+        return deep_merge(default, data) if isinstance(data, dict) else data
+
+    def own_steps(self, arm: ArmConfig, chain: int | None) -> int | None:
+        """The steps ``arm`` trains itself; ``chain``: the total steps of the arm it starts from
+        (0 without ``init_from``), None when they are unknown. None: no budget, its epochs decide.
+
+        Its ``train.optim.max_steps`` when set; ``budget: own`` or no ``init_from``: the budget;
+        else the budget minus ``chain``, so its total equals every other arm's.
+        """
+        explicit, budget = _max_steps(arm.train), self.budget_steps
+        if explicit is not None or budget is None:
+            return explicit
+        if arm.budget == "own" or not arm.init_from:
+            return budget
+        if chain is None:
+            raise ConfigError(f"arm {arm.name} starts from {arm.init_from}, whose steps are unknown (its model "
+                              "records none): set the arm's train.optim.max_steps, or budget: own")
+        if budget - chain <= 0:
+            raise ConfigError(
+                f"arm {arm.name} starts from {arm.init_from}, whose {chain} steps already use the budget of "
+                f"{budget} (train.optim.max_steps): give {arm.init_from} fewer steps (its train.optim.max_steps), "
+                f"or set budget: own on {arm.name} (a budget of its own on top, marked in the report)")
+        return budget - chain
 
     @property
     def arm_configs(self) -> list[ArmConfig]:
@@ -148,8 +276,10 @@ class Config(StrictModel):
 # ---------------------------------------------------------------- training the arms
 
 
-def train_config(cfg: Config, arm: ArmConfig | None, start_uri: str | None = None) -> TrainConfig:
-    """The training stage's config for ``arm`` (None: the base model's, to build a tiny base)."""
+def train_config(cfg: Config, arm: ArmConfig | None, start_uri: str | None = None,
+                 steps: int | None = None) -> TrainConfig:
+    """The training stage's config for ``arm`` (None: the base model's, to build a tiny base),
+    on the arm's own data (``Config.arm_data``); ``steps``: its own steps (``Config.own_steps``)."""
     from mint_ray.training.config import Config as TrainConfig
 
     kind = "mllama" if get_task(cfg.task).modality == "image" else "causal_lm"
@@ -166,23 +296,52 @@ def train_config(cfg: Config, arm: ArmConfig | None, start_uri: str | None = Non
             # The paper's DPO reference is the model it starts from (SFT for DPO-from-SFT);
             # LoRA gets it by switching the adapter off, full fine-tuning needs a frozen copy.
             model["reference_path"] = start_uri
-        fixed = deep_merge(fixed, {"objective": arm.kind, "model": model,
+        fixed = deep_merge(fixed, {"objective": arm.kind, "model": model, "data": cfg.arm_data(arm),
                                    "output_uri": storage.join(cfg.output(), "arms", arm.name),
                                    "run_name": f"compare-{cfg.task}-{arm.name}"})
+        if steps is not None:
+            fixed["optim"] = {"max_steps": steps}
     try:
         return build_config(TrainConfig, deep_merge(shared, fixed))
     except ConfigError as err:
         raise ConfigError(f"train settings{f' of arm {arm.name}' if arm else ''}: {err}") from None
 
 
-def check_train_rows(cfg: Config) -> None:
-    """Fail before any training job when ``train_splits`` select no pair."""
-    from mint_ray.training.config import DataConfig
-    from mint_ray.training.data import training_rows
+def check_train_rows(cfg: Config, arms: list[ArmConfig]) -> None:
+    """Fail before any training job when an arm's data selects no row."""
+    from mint_ray.training.data import read_selection
 
-    if not training_rows(DataConfig(uri=cfg.data_uri, splits=cfg.train_splits), columns=["split"]):
-        raise MintError(f"{cfg.data_uri} has no rows in train_splits {cfg.train_splits}: build the pairs "
-                        "with those splits, or give every trained arm a model_uri")
+    for arm in arms:
+        data = train_config(cfg, arm, "base").data
+        selection = read_selection(data, columns=["split"])
+        if not selection.rows:
+            raise MintError(f"arm {arm.name}: {data.uri} has no rows to train on in splits {data.splits} "
+                            f"({selection.summary()}): build the pairs with those splits, change the arm's "
+                            "train.data, or give the arm a model_uri")
+        if selection.left_out:
+            log.warning("compare: arm %s trains on %s", arm.name, selection.summary())
+
+
+def data_text(data: DataConfig) -> str:
+    """An arm's training data in a few words, for the report."""
+    text = f"{data.uri} [{', '.join(data.splits)}], target {data.target}"
+    return text + (f", filter {data.filter}" if data.filter != "all" else "")
+
+
+def _given_training(arm: ArmConfig, model: PreparedModel | None) -> ArmTraining:
+    """What the report can say of an arm that trains nothing here."""
+    if arm.kind == "teacher":
+        return ArmTraining(arm.name, arm.kind, "the teacher's ranking recorded with the pairs", trained=False)
+    if arm.kind in ("base", "rag") or model is None:
+        return ArmTraining(arm.name, arm.kind, "none (the base model)", trained=False, own_steps=0, steps=0,
+                           own_tokens=0, tokens=0)
+    meta = model.metadata
+    steps = (meta.get("training") or {}).get("steps")
+    data = meta.get("data_uri")
+    if data and meta.get("data_splits"):
+        data += f" [{', '.join(meta['data_splits'])}], target {meta.get('data_target', 'chosen')}"
+    return ArmTraining(arm.name, arm.kind, f"given model {model.uri} (trained on {data or 'unknown data'})",
+                       trained=arm.kind in TRAINED, own_steps=steps, steps=steps)
 
 
 def base_model_uri(cfg: Config) -> str:
@@ -209,28 +368,44 @@ def _trained(summary: dict[str, Any], task: Task, tracking_uri: str) -> Prepared
                                if registered.get("version") else None)
 
 
-def prepare_arms(cfg: Config, test: TestSet, tracking_uri: str) -> dict[str, PreparedModel]:
-    """Every generating arm's model: given ones checked first, then the base built and arms trained."""
+def prepare_arms(cfg: Config, test: TestSet, tracking_uri: str
+                 ) -> tuple[dict[str, PreparedModel], dict[str, ArmTraining]]:
+    """Every generating arm's model: given ones checked first, then the base built and arms
+    trained; and every arm's training (data, steps, tokens) for the report."""
+    from mint_ray.training.budget import trained_tokens
     from mint_ray.training.run import run as train
 
     arms = [a for a in cfg.arm_configs if a.kind != "teacher"]
     models = {a.name: prepare_model(a.model_uri, test.task, tracking_uri) for a in arms if a.model_uri}
-    for arm in arms:  # every training config is checked before the first arm trains
-        if arm.kind in TRAINED and not arm.model_uri:
-            train_config(cfg, arm, "base")
+    trainings = {a.name: _given_training(a, models.get(a.name)) for a in cfg.arm_configs
+                 if a.kind == "teacher" or a.name in models}
     pending = [a for a in arms if a.name not in models]
-    if any(a.kind in TRAINED for a in pending):
-        check_train_rows(cfg)
+    to_train = [a for a in pending if a.kind in TRAINED]
+    for arm in to_train:  # every training config is checked before the first arm trains
+        train_config(cfg, arm, "base")
+    if to_train:
+        check_train_rows(cfg, to_train)
     base_uri = (base_model_uri(cfg) if any(a.kind not in TRAINED or not a.init_from for a in pending)
                 else "")
     for arm in pending:
-        if arm.kind in TRAINED:
-            start = _checkpoint(models[arm.init_from]) if arm.init_from else base_uri
-            log.info("compare: training arm %s (%s) from %s", arm.name, arm.kind, start)
-            models[arm.name] = _trained(train(train_config(cfg, arm, start)), test.task, tracking_uri)
-        else:
+        if arm.kind not in TRAINED:
             models[arm.name] = prepare_model(base_uri, test.task, tracking_uri)
-    return models
+            trainings[arm.name] = _given_training(arm, None)
+            continue
+        start = _checkpoint(models[arm.init_from]) if arm.init_from else base_uri
+        # The steps the arm it starts from really took (its epochs may have ended it early).
+        before = trainings[arm.init_from] if arm.init_from else ArmTraining("", "", "", steps=0, tokens=0)
+        arm_cfg = train_config(cfg, arm, start, cfg.own_steps(arm, before.steps))
+        log.info("compare: training arm %s (%s) from %s on %s", arm.name, arm.kind, start, data_text(arm_cfg.data))
+        summary = train(arm_cfg)
+        models[arm.name] = _trained(summary, test.task, tracking_uri)
+        steps, world = summary["training"]["steps"], summary["training"]["world_size"]
+        tokens = trained_tokens(arm_cfg, models[arm.name].local_dir, steps, world)
+        trainings[arm.name] = ArmTraining(
+            arm.name, arm.kind, data_text(arm_cfg.data), init_from=arm.init_from, own_steps=steps,
+            steps=None if before.steps is None else before.steps + steps, own_tokens=tokens,
+            tokens=None if before.tokens is None else before.tokens + tokens)
+    return models, {a.name: trainings[a.name] for a in cfg.arm_configs}
 
 
 # ---------------------------------------------------------------- the stage
@@ -249,7 +424,9 @@ def run(cfg: Config) -> dict[str, Any]:
     answers: dict[str, dict[str, str]] = {a.name: test.teacher_generations() for a in arms if a.kind == "teacher"}
     requests = {a.name: test.requests(cfg.retrieval if a.kind == "rag" else None)
                 for a in arms if a.kind != "teacher"}
-    models = prepare_arms(cfg, test, tracking_uri)
+    models, trainings = prepare_arms(cfg, test, tracking_uri)
+    training = [trainings[a.name] for a in arms]
+    marks = budget_marks(training, cfg.budget_steps)
     teacher = test.manifest.meta.get("teacher") or {}
     with tracking.stage_run(cfg.tracking, "compare", cfg, cfg.storage.root, run_name=f"compare-{cfg.task}",
                             tags={"mint.task": cfg.task, "mint.arms": ",".join(a.name for a in arms),
@@ -265,12 +442,16 @@ def run(cfg: Config) -> dict[str, Any]:
                                              cfg.generation, tracking_uri)
         records = [r for arm in arms for r in test.records(arm.name, answers[arm.name])]
         report = render_report(test.task, records, n_resamples=cfg.bootstrap_resamples,
-                               title=f"{cfg.task}: {len(arms)} arms on {cfg.split} ({len(test.cases)} cases)")
+                               title=f"{cfg.task}: {len(arms)} arms on {cfg.split} ({len(test.cases)} cases)",
+                               training=training, budget_steps=cfg.budget_steps)
         files = write_report(report, report_uri)
         summaries = {s.arm: s.as_dict() for s in report.summaries}
         if run_.run_id:
-            log_evaluation(run_.run_id, {k: v for arm, s in summaries.items()
-                                         for k, v in metric_values(s, f"{arm}.").items()}, report, "report")
+            budget = {f"{t.arm}.train_{name}": float(value) for t in training
+                      for name, value in (("steps", t.steps), ("tokens", t.tokens)) if value is not None}
+            log_evaluation(run_.run_id, {**budget, **{k: v for arm, s in summaries.items()
+                                                      for k, v in metric_values(s, f"{arm}.").items()}},
+                           report, "report")
             for arm in arms:
                 model = models.get(arm.name)
                 if model is None:
@@ -284,10 +465,14 @@ def run(cfg: Config) -> dict[str, Any]:
                         summaries[arm.name], evaluation_context(test, cfg.generation, retrieval, arm=arm.name,
                                                                 run_id=run_.run_id, model_uri=model.uri)))
     table = metrics_markdown(report.summaries)
-    print(f"\nComparison on {cfg.split} ({len(test.cases)} cases), report at {report_uri}:\n{table}", flush=True)
+    print(f"\nComparison on {cfg.split} ({len(test.cases)} cases), report at {report_uri}:\n{table}\n"
+          f"Training (budget {cfg.budget_steps or 'none'}):\n{to_markdown(training_table(training, cfg.budget_steps))}",
+          flush=True)
     return {"task": cfg.task, "output_uri": cfg.output(), "report_uri": report_uri, "files": files,
             "arms": {a.name: {"kind": a.kind, "model_uri": models[a.name].uri if a.name in models else None,
                               "model_run_id": models[a.name].run_id if a.name in models else None,
                               "registered": models[a.name].registered if a.name in models else None,
+                              "data": trainings[a.name].data, "steps": trainings[a.name].steps,
+                              "tokens": trainings[a.name].tokens, "budget": marks[a.name],
                               **summaries[a.name]} for a in arms},
             "table": table, "mlflow_run_id": run_.run_id, "seconds": round(time.time() - t0, 1)}
