@@ -10,8 +10,8 @@ import pyarrow as pa
 import pytest
 
 from mint_ray.config import build_config
-from mint_ray.errors import ConfigError
-from mint_ray.preferences import plan, schemas
+from mint_ray.errors import ConfigError, MintError
+from mint_ray.preferences import accounting, plan, schemas
 from mint_ray.preferences.config import Config
 from mint_ray.tasks import RARE_DISEASE, TISSUE_TYPE
 
@@ -105,3 +105,75 @@ def test_validation_rules_need_what_the_task_or_teacher_reads() -> None:
     assert rules.labels == {"a", "b"} and rules.splits == {"train"}
     text = plan.validation_rules(_cfg(), RARE_DISEASE, info)
     assert text.needs_note and text.needs_image  # the teacher requires images
+
+
+# ---------------------------------------------------------------- accounting
+
+
+def _union(*rows: dict[str, object]) -> pa.Table:
+    return pa.Table.from_pylist(list(rows), schema=schemas.union_schema(schemas.pair_schema(RARE_DISEASE)))
+
+
+def _pair(sid: str, index: int, scored_at: float, **extra: object) -> dict[str, object]:
+    return {"sample_id": sid, "pair_index": index, "kind": "pair", "teacher_name": "t", "teacher_version": "v1",
+            "case_paired": index == 0, "dropped_pairs": 0, "scored_at": scored_at, **extra}
+
+
+def _aside(sid: str, stage: str, reason: str, scored_at: float | None, dropped: int = 0) -> dict[str, object]:
+    return {"sample_id": sid, "kind": "set_aside", "stage": stage, "reason": reason, "dropped_pairs": dropped,
+            "scored_at": scored_at}
+
+
+def test_part_counts_split_pairs_from_set_aside_rows() -> None:
+    table = _union(_pair("a", 0, 5.0, dropped_pairs=1), _pair("a", 1, 5.0), _pair("b", 0, 7.0),
+                   _aside("c", "validate", "missing_image", None), _aside("d", "teacher", "teacher_error", 9.0),
+                   _aside("e", "filter", "low_margin", 4.0, dropped=2), _aside("f", "filter", "low_margin", 6.0))
+    pairs, rest = accounting.split_union(table)
+    assert (pairs.num_rows, rest.num_rows) == (3, 4)
+    part = accounting.part_counts(pairs, rest)
+    assert part == {"pairs": 3, "cases_paired": 2, "dropped_pairs": 3,
+                    "quarantined": {"missing_image": 1, "teacher_error": 1}, "filtered": {"low_margin": 2},
+                    "teachers": [("t", "v1")], "scored": (4.0, 9.0)}
+    empty = accounting.part_counts(*accounting.split_union(table.slice(0, 0)))
+    assert empty == accounting.empty_part()
+
+
+def _totals(*parts: dict[str, object]) -> accounting.Totals:
+    totals = accounting.Totals()
+    for part in parts:
+        totals.add({**accounting.empty_part(), **part})
+    return totals
+
+
+def test_accounting_balances_every_row_or_refuses() -> None:
+    totals = _totals({"pairs": 3, "cases_paired": 2, "quarantined": {"missing_image": 1}, "scored": (4.0, 9.0)},
+                     {"pairs": 1, "cases_paired": 1, "filtered": {"low_margin": 2}, "dropped_pairs": 2,
+                      "teachers": [["t", "v1"]], "scored": (1.0, 6.0)})
+    assert (totals.first_scored, totals.last_scored, totals.teachers) == (1.0, 9.0, {("t", "v1")})
+    counts = accounting.check_accounting(6, totals)
+    assert counts["accounting"] == "rows_in 6 = cases_paired 3 + quarantined 1 + filtered 2; pairs 4"
+    assert (counts["quarantined_total"], counts["filtered_total"], counts["pairs_dropped_low_margin"]) == (1, 2, 2)
+    with pytest.raises(MintError, match="rows unaccounted for"):
+        accounting.check_accounting(7, totals)
+    with pytest.raises(MintError, match=r"no pairs built: every row was set aside \(missing_image: 2\)"):
+        accounting.check_accounting(2, _totals({"quarantined": {"missing_image": 2}}))
+
+
+def test_speed_leaves_out_the_steady_rate_of_short_runs() -> None:
+    totals = _totals({"scored": (12.0, 30.0)})
+    rates = accounting.speed(1000, 10.0, 35.0, totals, batch_size=10)
+    assert rates == {"seconds": 25.0, "rows_per_s": 40.0, "startup_s": 2.0, "steady_rows_per_s": 990 / 18}
+    assert "steady_rows_per_s" not in accounting.speed(99, 10.0, 35.0, totals, batch_size=10)
+    assert accounting.speed(5, 0.0, 1.0, accounting.Totals(), batch_size=10) == {"seconds": 1.0, "rows_per_s": 5.0}
+
+
+def test_teacher_identity_is_one_stable_teacher() -> None:
+    info = plan.TeacherInfo("/t", "rare_disease", "fusion", "t", "v1", ("a", "b"), (), None, None)
+    assert accounting.teacher_identity(info, _totals({"teachers": [("t", "v1")]})) == \
+        {"name": "t", "version": "v1", "kind": "fusion", "uri": "/t"}
+    with pytest.raises(MintError, match="changed during the run"):
+        accounting.teacher_identity(info, _totals({"teachers": [("t", "v1"), ("t", "v2")]}))
+    with pytest.raises(MintError, match="actors loaded version v2"):
+        accounting.teacher_identity(info, _totals({"teachers": [("t", "v2")]}))
+    bare = plan.TeacherInfo("/clip", "tissue_type", "clip", "clip", None, ("a", "b"), ("image",), None, None)
+    assert accounting.teacher_identity(bare, accounting.Totals())["version"] == "unknown"

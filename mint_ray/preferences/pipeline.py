@@ -47,22 +47,19 @@ import logging
 import math
 import os
 import time
-from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-from ray.data import ActorPoolStrategy, Datasink
-from ray.data.block import BlockAccessor
+from ray.data import ActorPoolStrategy
 
 from mint_ray import storage
 from mint_ray.config import RayConfig
 from mint_ray.errors import ConfigError, MintError, StorageError
 from mint_ray.preferences import validate
+from mint_ray.preferences.accounting import check_accounting, speed, teacher_identity
 from mint_ray.preferences.config import PAIRS_CPUS, READ_CPUS, Config
 from mint_ray.preferences.pairs import build_pairs, rank
 from mint_ray.preferences.plan import (
@@ -76,7 +73,6 @@ from mint_ray.preferences.plan import (
 from mint_ray.preferences.schemas import (
     INPUT_FIELDS,
     PREPARED_SCHEMA,
-    QUARANTINE_SCHEMA,
     SCORED_SCHEMA,
     TEXT,
     coerce_chunk,
@@ -85,6 +81,7 @@ from mint_ray.preferences.schemas import (
     pixel_column,
     union_schema,
 )
+from mint_ray.preferences.sink import PreferenceSink
 
 if TYPE_CHECKING:
     from ray.data import Dataset
@@ -310,91 +307,6 @@ def _set_aside(row: dict[str, Any], stage: str, reason: str, detail: str | None)
             "kind": "set_aside", "dropped_pairs": 0, "scored_at": row["scored_at"]}
 
 
-# ---------------------------------------------------------------- 5. write
-
-
-@dataclass
-class Totals:
-    """What the write tasks report, summed on the driver."""
-
-    pairs: int = 0
-    cases_paired: int = 0
-    dropped_pairs: int = 0
-    quarantined: Counter[str] = field(default_factory=Counter)
-    filtered: Counter[str] = field(default_factory=Counter)
-    teachers: set[tuple[str, str]] = field(default_factory=set)
-    first_scored: float = math.inf
-    last_scored: float = -math.inf
-
-    def add(self, part: dict[str, Any]) -> None:
-        self.pairs += part["pairs"]
-        self.cases_paired += part["cases_paired"]
-        self.dropped_pairs += part["dropped_pairs"]
-        self.quarantined.update(part["quarantined"])
-        self.filtered.update(part["filtered"])
-        self.teachers.update(tuple(t) for t in part["teachers"])
-        if part["scored"]:
-            self.first_scored = min(self.first_scored, part["scored"][0])
-            self.last_scored = max(self.last_scored, part["scored"][1])
-
-
-class PreferenceSink(Datasink[dict[str, Any]]):
-    """Writes each write task's rows as one pairs file and one quarantine file.
-
-    File names come from the task index, so a retried task overwrites its own
-    files instead of adding a second copy. ``min_rows_per_write`` makes files of
-    about ``rows_per_file`` rows. Counts come back to the driver's instance.
-    """
-
-    def __init__(self, pairs_version: str, quarantine_version: str, schema: pa.Schema,
-                 rows_per_file: int) -> None:
-        self.pairs_version = pairs_version
-        self.quarantine_version = quarantine_version
-        self.schema = schema
-        self.rows_per_file = rows_per_file
-        self.totals = Totals()
-
-    @property
-    def min_rows_per_write(self) -> int:
-        return self.rows_per_file
-
-    def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, Any]:
-        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
-        tables = [t for t in tables if t.num_rows]
-        part = {"pairs": 0, "cases_paired": 0, "dropped_pairs": 0, "quarantined": {}, "filtered": {},
-                "teachers": [], "scored": None}
-        if not tables:
-            return part
-        table = pa.concat_tables(tables)
-        name = f"part-{ctx.task_idx:05d}.parquet"
-        is_pair = pc.equal(table.column("kind"), "pair")
-        pairs = table.filter(is_pair)
-        rest = table.filter(pc.invert(is_pair))
-        if pairs.num_rows:
-            storage.write_table(self.pairs_version, pairs.select(self.schema.names).cast(self.schema), name)
-        if rest.num_rows:
-            storage.write_table(self.quarantine_version,
-                                rest.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA), name)
-        verdicts = Counter(zip(rest.column("stage").to_pylist(), rest.column("reason").to_pylist(),
-                               strict=True))
-        part.update(
-            pairs=pairs.num_rows,
-            cases_paired=int(pc.sum(pairs.column("case_paired")).as_py() or 0),
-            dropped_pairs=int(pc.sum(table.column("dropped_pairs")).as_py() or 0),
-            quarantined={reason: n for (stage, reason), n in verdicts.items() if stage != "filter"},
-            filtered={reason: n for (stage, reason), n in verdicts.items() if stage == "filter"},
-            teachers=sorted(set(zip(pairs.column("teacher_name").to_pylist(),
-                                    pairs.column("teacher_version").to_pylist(), strict=True))))
-        scored = pc.min_max(table.column("scored_at")).as_py()
-        if scored["min"] is not None:
-            part["scored"] = (scored["min"], scored["max"])
-        return part
-
-    def on_write_complete(self, write_result: Any) -> None:
-        for part in write_result.write_returns:
-            self.totals.add(part)
-
-
 # ---------------------------------------------------------------- the run
 
 
@@ -544,47 +456,3 @@ def run(cfg: Config) -> dict[str, Any]:
         tracked.log_dict({k: v for k, v in summary.items() if k != "options"}, "preferences_summary.json")
     log.info("preferences %s: %s", task.name, counts["accounting"])
     return summary
-
-
-def speed(rows: int, started: float, ended: float, totals: Totals, batch_size: int) -> dict[str, float]:
-    """End-to-end rows/s, the start-up until the first scored batch (actor start, model
-    load), and the steady rows/s from then on (rows after the first batch / the time the
-    teacher was streaming; left out for runs of fewer than 10 batches, where it is noise)."""
-    seconds = ended - started
-    rates = {"seconds": seconds, "rows_per_s": rows / seconds}
-    if math.isfinite(totals.first_scored):
-        rates["startup_s"] = totals.first_scored - started
-    streaming = totals.last_scored - totals.first_scored
-    if rows >= 10 * batch_size and streaming > 0:
-        rates["steady_rows_per_s"] = (rows - batch_size) / streaming
-    return rates
-
-
-def teacher_identity(teacher: TeacherInfo, totals: Totals) -> dict[str, str]:
-    """Name/version as the actors loaded it (one teacher for the whole run, or an error)."""
-    if len(totals.teachers) > 1:
-        raise MintError(f"the teacher at {teacher.uri} changed during the run "
-                        f"({sorted(totals.teachers)}): re-run once it is stable")
-    name, version = next(iter(totals.teachers), (teacher.name, teacher.version or "unknown"))
-    if teacher.version and version != teacher.version:
-        raise MintError(f"teacher {teacher.uri}: actors loaded version {version}, its spec says "
-                        f"{teacher.version}; re-run once the teacher directory is stable")
-    return {"name": name, "version": version, "kind": teacher.kind, "uri": teacher.uri}
-
-
-def check_accounting(rows_in: int, totals: Totals) -> dict[str, Any]:
-    """The run's counts; raises unless every cohort row is accounted for exactly once."""
-    quarantined, filtered = sum(totals.quarantined.values()), sum(totals.filtered.values())
-    line = (f"rows_in {rows_in} = cases_paired {totals.cases_paired} + quarantined {quarantined} "
-            f"+ filtered {filtered}; pairs {totals.pairs}")
-    if rows_in != totals.cases_paired + quarantined + filtered:
-        raise MintError(f"rows unaccounted for ({line}): nothing was published; please report this")
-    if totals.pairs == 0:
-        reasons = ", ".join(f"{r}: {n}" for r, n in (totals.quarantined + totals.filtered).most_common())
-        raise MintError(f"no pairs built: every row was set aside ({reasons}); nothing was published. "
-                        "Check the cohort, the teacher's labels and the options")
-    return {"rows_in": rows_in, "cases_paired": totals.cases_paired, "pairs": totals.pairs,
-            "quarantined_total": quarantined, "filtered_total": filtered,
-            "quarantined": dict(sorted(totals.quarantined.items())),
-            "filtered": dict(sorted(totals.filtered.items())),
-            "pairs_dropped_low_margin": totals.dropped_pairs, "accounting": line}
