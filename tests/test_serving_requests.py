@@ -47,6 +47,13 @@ def test_decode_image_refuses(data: bytes, status: int, code: str) -> None:
     assert code_of(decode_image, data, SMALL) == (status, code)
 
 
+@pytest.mark.parametrize("data", [bomb_header(), png((1024, 1024), "L")], ids=["bomb-header", "bomb-real"])
+def test_too_many_pixels_quotes_the_configured_limit(data: bytes) -> None:
+    with pytest.raises(RequestError) as err:
+        decode_image(data, SMALL)
+    assert f"more than {SMALL.max_image_pixels} pixels (max_image_pixels)" in err.value.message
+
+
 def test_base64_and_data_urls() -> None:
     data = png()
     assert decode_base64(b64(data), SMALL) == data

@@ -33,6 +33,10 @@ class RequestLimitsConfig(StrictModel):
     def _upper(cls, formats: list[str]) -> list[str]:
         return [f.upper() for f in formats]
 
+    def image_limits(self) -> ImageLimits:
+        """The limits :func:`mint_ray.images.open_rgb` decodes a request's image with."""
+        return ImageLimits(self.max_image_bytes, self.max_image_pixels, tuple(self.image_formats))
+
 
 class RequestBatchingConfig(StrictModel):
     """``@serve.batch`` settings; ``max_batch_size: 1`` turns batching off.

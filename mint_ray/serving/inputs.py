@@ -10,21 +10,29 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 import re
-import warnings
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydantic import BaseModel, ValidationError
 
+from mint_ray import images
+from mint_ray.images import ImageRejected, open_rgb
 from mint_ray.serving.config import RequestLimitsConfig
 from mint_ray.serving.schemas import ChatRequest, RequestError
 from mint_ray.tasks import TASKS, Task
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,",
                        re.IGNORECASE)
+# mint_ray.images' reasons as HTTP statuses and this API's error codes.
+_IMAGE_REFUSALS = {
+    images.TOO_LARGE: (413, "image_too_large"),
+    images.UNSUPPORTED_FORMAT: (415, "unsupported_image_format"),
+    images.TOO_MANY_PIXELS: (413, "image_too_many_pixels"),
+    images.TRUNCATED: (400, "invalid_image"),
+    images.CORRUPT: (400, "invalid_image"),
+}
 
 
 def validation_details(err: ValidationError) -> list[dict[str, Any]]:
@@ -70,33 +78,27 @@ def decode_base64(text: str, limits: RequestLimitsConfig, param: str = "image") 
 
 
 def decode_image(data: bytes, limits: RequestLimitsConfig, param: str = "image") -> Image.Image:
-    """Image bytes -> an RGB PIL image, refusing oversized files, formats outside the
-    allowed list, and images with too many pixels *before* their pixels are decoded."""
-    if len(data) > limits.max_image_bytes:
-        raise RequestError(413, "image_too_large",
-                           f"{param} is {len(data)} bytes, over the limit of {limits.max_image_bytes}", param)
-    too_many = RequestError(413, "image_too_many_pixels",
-                            f"{param} has more than {limits.max_image_pixels} pixels", param)
+    """Image bytes -> an RGB PIL image (:func:`mint_ray.images.open_rgb`), refusing oversized
+    files, formats outside the allowed list, and images with too many pixels *before*
+    their pixels are decoded."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))  # reads the header only
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise too_many from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise RequestError(400, "invalid_image", f"{param} is not a decodable image "
-                           f"(allowed formats: {', '.join(limits.image_formats)})", param) from None
-    if image.format not in limits.image_formats:
-        raise RequestError(415, "unsupported_image_format", f"{param} is {image.format}; allowed formats: "
-                           f"{', '.join(limits.image_formats)}", param)
-    width, height = image.size
-    if width * height > limits.max_image_pixels:
-        raise too_many
-    try:
-        image.load()
-        return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        raise RequestError(400, "invalid_image", f"{param} is truncated or corrupt", param) from None
+        return open_rgb(data, limits.image_limits())
+    except ImageRejected as err:
+        status, code = _IMAGE_REFUSALS[err.reason]
+        raise RequestError(status, code, _image_message(err, len(data), limits, param), param) from None
+
+
+def _image_message(err: ImageRejected, size: int, limits: RequestLimitsConfig, param: str) -> str:
+    formats = ", ".join(limits.image_formats)
+    if err.reason == images.TOO_LARGE:
+        return f"{param} is {size} bytes, over the limit of {limits.max_image_bytes}"
+    if err.reason == images.UNSUPPORTED_FORMAT:
+        return f"{param} is {err.detail}"
+    if err.reason == images.TOO_MANY_PIXELS:
+        return f"{param} has more than {limits.max_image_pixels} pixels (max_image_pixels)"
+    if err.reason == images.TRUNCATED:
+        return f"{param} is truncated"
+    return f"{param} is not a decodable image (allowed formats: {formats})"
 
 
 def check_task(name: str, served: Task) -> Task:
