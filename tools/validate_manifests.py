@@ -13,6 +13,9 @@ a mistake in a copy and assert that the same check reports it.
   ``prepare_config`` + ``validate_config`` (both local), plus node_config keys.
 - Terraform: parsed with python-hcl2; security settings asserted (see
   ``check_terraform``) and every var./local./resource reference declared.
+- eksctl nodegroups against the pods (``check_eksctl``); one registry name per task in
+  recipes and serve configs (``check_registry_names``); production recipes that name no
+  bucket and touch only the roles' prefixes (``check_prod_recipes``).
 - yamllint with the repository's ``.yamllint``.
 """
 
@@ -562,6 +565,190 @@ def check_terraform(tf_dir: Path = TERRAFORM) -> list[str]:
     return check_s3(tf) + check_iam_statements(tf) + check_network_and_db(tf) + check_references(tf)
 
 
+# ------------------------------------------------- the production chain's names
+
+RECIPE_DIR = REPO / "jobs" / "recipes"
+STORAGE_ROOT_ENV = "${env:MINT_STORAGE_ROOT}"
+_MODELS_URI = re.compile(r"models:/([^/@\s]+)(?:([/@])([^\s/]+))?")
+
+
+def _walk_strings(node: Any, path: str = "") -> Iterator[tuple[str, str]]:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _walk_strings(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _walk_strings(v, f"{path}[{i}]")
+    elif isinstance(node, str):
+        yield path, node
+
+
+def _registry_names(doc: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """(where, registered model name) for every name a recipe spells out."""
+    for where, text in _walk_strings(doc):
+        for m in _MODELS_URI.finditer(text):
+            if not m.group(1).startswith("m-"):  # models:/m-<id> is a logged model, not a name
+                yield where, m.group(1)
+
+    def registries(node: Any, path: str) -> Iterator[tuple[str, str]]:
+        if isinstance(node, dict):
+            reg = node.get("registry")
+            if isinstance(reg, dict) and reg.get("name"):
+                yield f"{path}registry.name", str(reg["name"])
+            for k, v in node.items():
+                yield from registries(v, f"{path}{k}.")
+
+    yield from registries(doc, "")
+    if "alias" in doc and doc.get("name"):  # a promotion recipe
+        yield "name", str(doc["name"])
+
+
+def serve_configs(root: Path = REPO) -> list[tuple[str, dict[str, Any]]]:
+    """(label, serve config) of serving/config.yaml and every RayService's serveConfigV2."""
+    out = []
+    local = root / "serving" / "config.yaml"
+    if local.is_file():
+        out.append(("serving/config.yaml", yaml.safe_load(local.read_text())))
+    for path in sorted((root / "cluster" / "kubernetes").glob("*.yaml")):
+        for doc in load_yaml_documents(path):
+            if isinstance(doc, dict) and doc.get("kind") == "RayService":
+                name = (doc.get("metadata") or {}).get("name")
+                out.append((f"{path.name} RayService {name}", yaml.safe_load(doc["spec"]["serveConfigV2"])))
+    return out
+
+
+def check_registry_names(root: Path = REPO) -> list[str]:
+    """Every registered-model name in the recipes and serve configs is its task's one name
+    (``Task.registered_model``), and every alias served is one a promotion recipe sets."""
+    from mint_ray.tasks import TASKS
+
+    problems = []
+    aliases: dict[str, set[str]] = {}
+    for path in sorted((root / "jobs" / "recipes").glob("*.yaml")):
+        doc = yaml.safe_load(path.read_text()) or {}
+        task = doc.get("task")
+        if "alias" in doc and task in TASKS:
+            aliases.setdefault(task, set()).add(str(doc["alias"]))
+        for where, name in _registry_names(doc):
+            if task not in TASKS:
+                problems.append(f"{path.name}: {where} names registered model {name!r} but the recipe has no task")
+            elif name != TASKS[task].registered_model:
+                problems.append(f"{path.name}: {where} names registered model {name!r}, but task {task}'s one name "
+                                f"is {TASKS[task].registered_model!r} (Task.registered_model in mint_ray/tasks/)")
+    for label, config in serve_configs(root):
+        for i, app in enumerate((config or {}).get("applications") or []):
+            args = app.get("args") or {}
+            m = _MODELS_URI.fullmatch(str(args.get("model_uri", "")))
+            task = args.get("task")
+            if not m:
+                continue
+            where = f"{label}: applications[{i}].args.model_uri"
+            if task not in TASKS:
+                problems.append(f"{where}: a registered model needs args.task (one of {', '.join(sorted(TASKS))})")
+                continue
+            if m.group(1) != TASKS[task].registered_model:
+                problems.append(f"{where} serves {m.group(1)!r}, but task {task}'s registered model is "
+                                f"{TASKS[task].registered_model!r}")
+            if m.group(2) == "@" and m.group(3) not in aliases.get(task, set()):
+                problems.append(f"{where} serves alias @{m.group(3)}, which no promotion recipe of task {task} sets "
+                                f"(they set: {sorted(aliases.get(task, set())) or 'none'})")
+    return problems
+
+
+def terraform_prefixes(tf_dir: Path = TERRAFORM) -> tuple[list[str], list[str]]:
+    """(read/write, read-only) bucket prefixes of the Ray roles: the variables' defaults."""
+    tf = load_terraform(tf_dir)
+    return list(tf["variable"]["stage_prefixes"]["default"]), list(tf["variable"]["input_prefixes"]["default"])
+
+
+def check_prod_recipes(root: Path = REPO) -> list[str]:
+    """Production recipes name no bucket: storage.root is ``${env:MINT_STORAGE_ROOT}`` and
+    every URI is under ``${storage.root}/<prefix>``, a prefix the Ray roles may touch."""
+    problems = []
+    stage, inputs = terraform_prefixes(root / "infra" / "terraform")
+    recipes = sorted((root / "jobs" / "recipes").glob("prod_*.yaml"))
+    if not recipes:
+        problems.append("no jobs/recipes/prod_*.yaml")
+    for path in recipes:
+        doc = yaml.safe_load(path.read_text()) or {}
+        if (doc.get("storage") or {}).get("root") != STORAGE_ROOT_ENV:
+            problems.append(f"{path.name}: storage.root must be {STORAGE_ROOT_ENV!r} (the bucket is set once, "
+                            "in the nodes' environment)")
+        for where, text in _walk_strings(doc):
+            if "s3://" in text:
+                problems.append(f"{path.name}: {where} = {text!r} names a bucket; write ${{storage.root}}/<prefix>/...")
+            if text.startswith("${storage.root}/"):
+                prefix = text[len("${storage.root}/"):].split("/", 1)[0]
+                if prefix not in stage + inputs:
+                    problems.append(f"{path.name}: {where} is under {prefix}/, which the Ray roles cannot touch "
+                                    f"(infra/terraform stage_prefixes {stage}, input_prefixes {inputs})")
+    jobs = {m.group(1) for p in sorted((root / "cluster" / "kubernetes").glob("*.yaml"))
+            for d in load_yaml_documents(p) if isinstance(d, dict) and d.get("kind") == "RayJob"
+            for m in [re.search(r"--config jobs/recipes/(\S+)", str((d.get("spec") or {}).get("entrypoint")))] if m}
+    problems += [f"{p.name}: no RayJob in cluster/kubernetes runs it" for p in recipes if p.name not in jobs]
+    return problems
+
+
+# ------------------------------------------------------------------- eksctl
+
+ACCELERATOR_LABEL = "k8s.amazonaws.com/accelerator"
+_INSTANCE_TYPE = "node.kubernetes.io/instance-type"
+
+
+def _is_gpu_group(group: dict[str, Any]) -> bool:
+    return (str(group.get("instanceType", "")).startswith(("g", "p"))
+            or any(t.get("key") == "nvidia.com/gpu" for t in group.get("taints") or []))
+
+
+def check_eksctl(config: Any, docs: list[Any]) -> list[str]:
+    """The EKS nodegroups against the pods that need them: a group for every pod's instance
+    type (taints tolerated), the accelerator label on GPU groups (the Cluster Autoscaler scales
+    them from zero by it), room for a RayService NewCluster upgrade (two of each pod), and
+    RayJob submitters on the training head's node type."""
+    if not isinstance(config, dict):
+        return ["eksctl config is not a mapping"]
+    problems = []
+    groups = {g.get("instanceType"): g for g in config.get("managedNodeGroups") or []}
+    for g in groups.values():
+        if _is_gpu_group(g) and not (g.get("labels") or {}).get(ACCELERATOR_LABEL):
+            problems.append(f"nodegroup {g.get('name')}: a GPU group without the {ACCELERATOR_LABEL} label "
+                            "(the Cluster Autoscaler cannot tell it brings GPUs while it is at zero)")
+    heads = [(t.get("spec") or {}).get("nodeSelector", {}).get(_INSTANCE_TYPE)
+             for d in docs if isinstance(d, dict) and d.get("kind") == "RayCluster"
+             for w, t in pod_templates(d) if w.endswith("headGroupSpec.template")]
+    for doc in docs:
+        if not isinstance(doc, dict) or doc.get("kind") not in ("RayCluster", "RayService", "RayJob"):
+            continue
+        name = f"{doc['kind']} {(doc.get('metadata') or {}).get('name')}"
+        upgrade = (((doc.get("spec") or {}).get("upgradeStrategy") or {}).get("type") == "NewCluster")
+        cluster = (doc.get("spec") or {}).get("rayClusterConfig") or {}
+        for where, template in pod_templates(doc):
+            pod = template.get("spec") or {}
+            itype = (pod.get("nodeSelector") or {}).get(_INSTANCE_TYPE)
+            group = groups.get(itype)
+            if group is None:
+                problems.append(f"{name}: {where}: no nodegroup of instance type {itype!r}")
+                continue
+            taints = {(t.get("key"), t.get("effect")) for t in group.get("taints") or []}
+            tolerated = {(t.get("key"), t.get("effect")) for t in pod.get("tolerations") or []}
+            if not taints <= tolerated:
+                problems.append(f"{name}: {where}: does not tolerate the taints of nodegroup {group.get('name')}")
+            if where.endswith("submitterPodTemplate") and heads and itype not in heads:
+                problems.append(f"{name}: {where}: the submitter must run on the head's node type {heads[0]} "
+                                f"(got {itype!r})")
+            if upgrade:
+                count = 1
+                if "workerGroupSpecs" in where:
+                    i = int(re.search(r"workerGroupSpecs\[(\d+)\]", where).group(1))
+                    spec = cluster["workerGroupSpecs"][i]
+                    count = max(int(spec.get("minReplicas", 0)), int(spec.get("replicas", 0)), 1)
+                if int(group.get("maxSize", 0)) < 2 * count:
+                    problems.append(f"{name}: upgradeStrategy NewCluster starts a second cluster beside the first, "
+                                    f"but nodegroup {group.get('name')} (maxSize {group.get('maxSize')}) cannot "
+                                    f"hold two of {where}")
+    return problems
+
+
 # --------------------------------------------------------------------- yamllint
 
 
@@ -592,6 +779,10 @@ def check_all(root: Path = REPO) -> list[str]:
     problems += check_launcher_config(yaml.safe_load((root / "cluster" / LAUNCHER.name).read_text()))
     problems += check_runtime_env(yaml.safe_load((root / "cluster" / RUNTIME_ENV.name).read_text()))
     problems += check_terraform(root / "infra" / "terraform")
+    k8s_docs = [d for p in sorted((root / "cluster" / "kubernetes").glob("*.yaml")) for d in load_yaml_documents(p)]
+    problems += check_eksctl(yaml.safe_load((root / "cluster" / "eksctl-cluster.yaml").read_text()), k8s_docs)
+    problems += check_registry_names(root)
+    problems += check_prod_recipes(root)
     for path in yaml_files(root):
         problems += lint_yaml(path, config_file=root / ".yamllint")
     return problems

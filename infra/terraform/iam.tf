@@ -1,6 +1,7 @@
 # Who may touch what in the bucket:
 #   Ray pods (EKS, IRSA) and ray-up nodes: read/write on stage_prefixes,
-#     read on input_prefixes. Nothing else, in particular not mlflow-artifacts/.
+#     read on input_prefixes (raw/ uploads, models/: base checkpoints and the PLIP
+#     teacher). No object outside them, in particular not under mlflow-artifacts/.
 #   MLflow server: read/write on mlflow-artifacts/ only.
 #   Ray head (ray up): additionally launches and stops its own worker nodes.
 
@@ -14,13 +15,19 @@ locals {
 # ------------------------------------------------------------------ policies
 
 data "aws_iam_policy_document" "ray_data" {
+  # Listing under the stage and input prefixes. IfExists: requests that carry no prefix
+  # are authorised as s3:ListBucket too and must pass: HeadBucket (pyarrow and Ray Train
+  # check the bucket before they create a folder) and the implicit check that makes S3
+  # answer 404 rather than 403 for a missing key (every "does it exist yet?" of the
+  # stages). The cost: a list request without a prefix sees the bucket's key names (no
+  # object content). A list request with any other prefix is still refused.
   statement {
     sid       = "ListStagePrefixes"
     actions   = ["s3:ListBucket"]
     resources = [aws_s3_bucket.data.arn]
 
     condition {
-      test     = "StringLike"
+      test     = "StringLikeIfExists"
       variable = "s3:prefix"
       values   = local.ray_list_prefixes
     }

@@ -33,9 +33,9 @@ variable "stage_prefixes" {
 }
 
 variable "input_prefixes" {
-  description = "Bucket prefixes the stages only read (source images and notes loaded by people, not by the pipeline)."
+  description = "Bucket prefixes the stages only read: raw/ (notes and images uploaded by people) and models/ (copies of the base checkpoints and the PLIP teacher that the recipes name)."
   type        = list(string)
-  default     = ["raw"]
+  default     = ["raw", "models"]
 }
 
 variable "mlflow_artifacts_prefix" {
