@@ -49,7 +49,7 @@ from mint_ray import storage
 from mint_ray.config import build_config
 from mint_ray.data import synth
 from mint_ray.images import ImageLimits, decode_rgb
-from mint_ray.preferences import pipeline
+from mint_ray.preferences import run as preferences
 from mint_ray.preferences.config import Config as PreferencesConfig
 from mint_ray.ray_cluster import worker_env
 from mint_ray.tasks import TISSUE_TYPES
@@ -184,7 +184,7 @@ def run_pipeline(work: Path, cohort: str, teacher_uri: str, actors: int,
         "ray": {"num_cpus": args.logical_cpus}})
     load = os.getloadavg()[0]
     with ProcessTree() as tree:
-        summary = pipeline.run(cfg)
+        summary = preferences.run(cfg)
     return {**summary, "actors": actors, "peak_pss": tree.peak_pss, "load": (load + os.getloadavg()[0]) / 2,
             "cpu_actor": tree.cpu_seconds(actors=True), "cpu_rest": tree.cpu_seconds(actors=False)}
 

@@ -23,7 +23,7 @@ from mint_ray.errors import MintError
 STAGES: dict[tuple[str, ...], str] = {
     ("data", "synth"): "mint_ray.data.synth",
     ("teacher", "train"): "mint_ray.teachers.train",
-    ("preferences",): "mint_ray.preferences.pipeline",
+    ("preferences",): "mint_ray.preferences.run",
     ("train",): "mint_ray.training.run",
     ("evaluate",): "mint_ray.evaluation.run",
     ("promote",): "mint_ray.evaluation.promote",

@@ -57,7 +57,7 @@ def _steps(task: str, root: str, quick: bool) -> list[Step]:
         Step("teacher", "mint_ray.teachers.train",
              "teacher_rare_disease_fusion.yaml" if text else "teacher_tissue_type_clip.yaml",
              (*common, f"cohort_uri={cohort}", f"output_uri={teacher}", f"epochs={3 if quick else 10}")),
-        Step("preferences", "mint_ray.preferences.pipeline",
+        Step("preferences", "mint_ray.preferences.run",
              "preferences_rare_disease.yaml" if text else "preferences_tissue.yaml",
              (*common, f"cohort_uri={cohort}", f"teacher.uri={teacher}", f"output_uri={pairs}")),
         Step("compare", "mint_ray.evaluation.compare", f"compare_{task}.yaml",

@@ -25,10 +25,11 @@ from mint_ray import storage
 from mint_ray.config import build_config
 from mint_ray.data import synth
 from mint_ray.errors import ConfigError, StorageError
-from mint_ray.preferences import pipeline, schemas, validate
+from mint_ray.preferences import operators, schemas, validate
 from mint_ray.preferences.config import Config
-from mint_ray.preferences.pipeline import TeacherScorer, run
+from mint_ray.preferences.operators import TeacherScorer
 from mint_ray.preferences.plan import catalog_names
+from mint_ray.preferences.run import ray_config, run
 from mint_ray.tasks import RARE_DISEASE, TISSUE_TYPE, TISSUE_TYPES
 from mint_ray.teachers import Case, save_teacher_dir
 from mint_ray.teachers.clip import ClipSettings, build_tiny_clip
@@ -309,8 +310,8 @@ def test_decoded_blocks_hold_whole_batches_and_about_block_bytes(tmp_path: Path)
                      "label": TISSUE_TYPES[0], "type_error": None, "duplicate": False})
     rules = validate.Rules(task="tissue_type", labels=frozenset(TISSUE_TYPES), splits=frozenset(["train"]),
                            needs_note=False, needs_image=True, max_image_bytes=10**6, max_image_pixels=10**6)
-    blocks = list(pipeline.prepare(pa.Table.from_pylist(rows), rules, io_threads=4, batch_rows=2,
-                                   block_bytes=5000))
+    blocks = list(operators.prepare(pa.Table.from_pylist(rows), rules, io_threads=4, batch_rows=2,
+                                    block_bytes=5000))
     # Rows of 1800-2610 bytes: two batches of 2 pass 5000 bytes; the last batch alone does.
     assert [b.num_rows for b in blocks] == [4, 4, 2]
     table = pa.concat_tables(blocks)
@@ -362,8 +363,7 @@ def test_config_errors_name_the_fix(rare: dict[str, Any], tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match="trained for task 'rare_disease'"):
         run(_cfg(**{**base, "task": "tissue_type"}))
     with pytest.raises(ConfigError, match=r"ray\.num_cpus=2 leaves no CPU"):
-        pipeline.ray_config(_cfg(**{**base, "teacher": {"uri": rare["teacher"], "num_actors": 2}},
-                                 ray={"num_cpus": 2}))
+        ray_config(_cfg(**{**base, "teacher": {"uri": rare["teacher"], "num_actors": 2}}, ray={"num_cpus": 2}))
     assert not storage.exists(str(tmp_path / "never"))
 
 

@@ -11,8 +11,9 @@ import pytest
 
 from mint_ray.config import build_config
 from mint_ray.errors import ConfigError, MintError
-from mint_ray.preferences import accounting, plan, schemas
+from mint_ray.preferences import accounting, operators, plan, schemas
 from mint_ray.preferences.config import Config
+from mint_ray.preferences.pairs import PairRule
 from mint_ray.tasks import RARE_DISEASE, TISSUE_TYPE
 
 
@@ -177,3 +178,35 @@ def test_teacher_identity_is_one_stable_teacher() -> None:
         accounting.teacher_identity(info, _totals({"teachers": [("t", "v2")]}))
     bare = plan.TeacherInfo("/clip", "tissue_type", "clip", "clip", None, ("a", "b"), ("image",), None, None)
     assert accounting.teacher_identity(bare, accounting.Totals())["version"] == "unknown"
+
+
+# ---------------------------------------------------------------- the pair operator (pure)
+
+
+def test_pair_rows_write_pairs_and_set_aside_rows_in_one_stream() -> None:
+    labels = ("A", "B", "C", "D", "E")
+    pairs_schema = schemas.pair_schema(RARE_DISEASE)
+    pair_plan = plan.PairPlan(RARE_DISEASE, labels, PairRule(k=2, q=2, pairs_per_case=1, min_margin=0.5),
+                              pairs_schema, schemas.union_schema(pairs_schema))
+    common = {"split": "train", "image_uri": None, "teacher_name": "t", "teacher_version": "v1", "scored_at": 3.0,
+              "stage": None, "reason": None, "detail": None}
+    scored = pa.Table.from_pylist([
+        {**common, "sample_id": "ok", "note": "Seizures", "label": "B", "scores": [5.0, 4.0, 3.0, 2.0, 1.0]},
+        {**common, "sample_id": "close", "note": "Ptosis", "label": "A", "scores": [1.0, 1.0, 1.0, 1.0, 0.9]},
+        {**common, "sample_id": "bad", "note": None, "label": "A", "scores": None,
+         "stage": "validate", "reason": "empty_note", "detail": "no note text"},
+    ], schema=schemas.SCORED_SCHEMA)
+    out = operators.pair_rows(scored, pair_plan)
+    assert out.schema == pair_plan.union_schema
+    rows = {r["sample_id"]: r for r in out.to_pylist()}
+    ok = rows["ok"]
+    assert (ok["kind"], ok["case_paired"], ok["teacher_top"], ok["teacher_bottom"]) == ("pair", True, ["A", "B"],
+                                                                                        ["D", "E"])
+    assert ok["prompt"] == RARE_DISEASE.prompt_messages(note="Seizures", n_answers=2)
+    assert ok["chosen"] == RARE_DISEASE.answer_message(["A", "B"]) and ok["truth_rank"] == 2
+    assert (rows["close"]["kind"], rows["close"]["stage"], rows["close"]["reason"]) == ("set_aside", "filter",
+                                                                                       "low_margin")
+    assert rows["close"]["dropped_pairs"] == 1
+    assert (rows["bad"]["stage"], rows["bad"]["reason"], rows["bad"]["prompt"]) == ("validate", "empty_note", None)
+    counts = accounting.part_counts(*accounting.split_union(out))
+    assert (counts["pairs"], counts["quarantined"], counts["filtered"]) == (1, {"empty_note": 1}, {"low_margin": 1})

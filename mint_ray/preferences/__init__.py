@@ -1,5 +1,13 @@
 """Stage 3: teacher-ranked preference pairs (``mint-ray preferences``).
 
-``pairs`` (pure pairing rules) and ``validate`` (pure row checks) import no Ray;
-``pipeline`` is the Ray Data stage.
+- ``config``     the stage's ``Config`` and its sections
+- ``plan``       driver-side decisions: the teacher's description, pair rule, validation rules
+- ``schemas``    Arrow schemas and the pure table builders
+- ``operators``  the Ray Data operators (read, prepare, score, pairs)
+- ``sink``       the datasink writing pairs and quarantine
+- ``accounting`` the run's counts and the checks before publishing
+- ``run``        ``run(cfg)``: wires the dataset, publishes, tracks
+
+``pairs`` (pure pairing rules), ``validate`` (pure row checks), ``schemas``,
+``accounting`` and ``plan`` import no Ray.
 """

@@ -2,22 +2,8 @@
 
 ``mint-ray preferences --task rare_disease --cohort s3://b/cohorts/rd --teacher s3://b/teachers/rd --out s3://b/prefs/rd``
 
-Ray Data streams the cohort through five operators; nothing holds the whole cohort:
-
-1. ``read``     one task streams the ``samples`` table (``storage.iter_batches``) and
-                coerces every chunk to the contract's types: a column of the wrong
-                type becomes nulls plus a ``wrong_type`` mark, so files with drifting
-                schemas never fail the run. One reader sees every ``sample_id``, so it
-                also marks repeats (``duplicate_id``).
-2. ``prepare``  CPU tasks check each row (``validate.check_row``), fetch its image
-                (``io_threads`` threads: S3 GETs are latency-bound) and decode it
-                (``validate.decode_checked``) into raw RGB bytes for the teacher.
-3. ``score``    the teacher in an actor pool (``ActorPoolStrategy(size=num_actors)``,
-                ``num_gpus_per_actor`` each; CPU threads when none) scores every label.
-4. ``pairs``    CPU tasks rank, cut pairs (``pairs.build_pairs``) and write the texts
-                with the task's own ``prompt_messages`` / ``answer_message``.
-5. ``write``    :class:`PreferenceSink` writes pair rows and set-aside rows into two
-                version folders and sends counts back to the driver.
+Ray Data streams the cohort through the five operators of :mod:`mint_ray.preferences.operators`
+(read, prepare, score, pairs, write); nothing holds the whole cohort.
 
 Output layout (decided here; the trainer reads ``output_uri`` as a dataset):
 
@@ -42,26 +28,21 @@ checks ``rows_in == cases_paired + quarantined + filtered`` before publishing.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import pyarrow as pa
 from ray.data import ActorPoolStrategy
 
 from mint_ray import storage
 from mint_ray.config import RayConfig
-from mint_ray.errors import ConfigError, MintError, StorageError
+from mint_ray.errors import ConfigError, MintError
 from mint_ray.preferences import validate
 from mint_ray.preferences.accounting import check_accounting, speed, teacher_identity
 from mint_ray.preferences.config import PAIRS_CPUS, READ_CPUS, Config
-from mint_ray.preferences.pairs import build_pairs, rank
+from mint_ray.preferences.operators import TeacherScorer, pair_rows, prepare, read_cohort
 from mint_ray.preferences.plan import (
     PairPlan,
     TeacherInfo,
@@ -70,17 +51,7 @@ from mint_ray.preferences.plan import (
     pair_rule,
     validation_rules,
 )
-from mint_ray.preferences.schemas import (
-    INPUT_FIELDS,
-    PREPARED_SCHEMA,
-    SCORED_SCHEMA,
-    TEXT,
-    coerce_chunk,
-    image_views,
-    pair_schema,
-    pixel_column,
-    union_schema,
-)
+from mint_ray.preferences.schemas import INPUT_FIELDS, pair_schema, union_schema
 from mint_ray.preferences.sink import PreferenceSink
 
 if TYPE_CHECKING:
@@ -98,216 +69,6 @@ CLI_FLAGS = {
     "force-truth": "pairs.force_truth", "overwrite": "storage.overwrite",
     "tracking": "tracking.enabled",
 }
-
-
-# ---------------------------------------------------------------- 1. read
-
-
-def read_cohort(items: pa.Table, chunk_rows: int) -> Iterator[pa.Table]:
-    """Stream the cohort at each item's ``uri`` as coerced chunks (a generator UDF)."""
-    for uri in items.column("uri").to_pylist():
-        seen: set[str] = set()
-        for batch in storage.iter_batches(uri, batch_size=chunk_rows):
-            table, type_errors = coerce_chunk(batch)
-            duplicate = []
-            for sid in table.column("sample_id").to_pylist():
-                duplicate.append(sid in seen)
-                if sid:
-                    seen.add(sid)
-            yield table.append_column("type_error", pa.array(type_errors, TEXT)).append_column(
-                "duplicate", pa.array(duplicate, pa.bool_()))
-
-
-# ---------------------------------------------------------------- 2. prepare
-
-
-def fetch_image(uri: str, rules: validate.Rules) -> tuple[bytes | None, validate.Verdict | None]:
-    """Read one image's bytes; a missing or oversized file is a verdict, a store failure an error."""
-    try:
-        fs, path = storage.filesystem(uri)
-    except StorageError as err:  # a scheme no store serves: this row's problem, not the run's
-        return None, validate.Verdict("missing_image", str(err))
-    try:
-        with fs.open_input_file(path) as f:
-            too_large = validate.check_image_size(f.size(), rules)
-            if too_large:
-                return None, too_large
-            return f.read(), None
-    except FileNotFoundError:
-        return None, validate.Verdict("missing_image", "no file at image_uri")
-    except IsADirectoryError:
-        return None, validate.Verdict("missing_image", "image_uri is a folder")
-
-
-@functools.lru_cache(maxsize=1)
-def _io_pool(threads: int) -> ThreadPoolExecutor:
-    """One fetch pool per worker process, kept across its tasks."""
-    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mint-fetch")
-
-
-def _prepare_rows(batch: pa.Table, rules: validate.Rules, io_threads: int) -> pa.Table:
-    rows = batch.to_pylist()
-    verdicts: list[validate.Verdict | None] = [validate.check_row(row, rules) for row in rows]
-    wanted = [i for i, (row, v) in enumerate(zip(rows, verdicts, strict=True))
-              if v is None and row["image_uri"]]
-    images: list[np.ndarray | None] = [None] * len(rows)
-    # Threads only fetch (S3 GETs wait on the network, without the GIL), one slice of rows
-    # each; decoding holds the GIL, so it runs here: spread over the threads it cost 3x the
-    # CPU in lock contention.
-    def fetch_slice(indices: list[int]) -> list[tuple[bytes | None, validate.Verdict | None]]:
-        return [fetch_image(rows[j]["image_uri"], rules) for j in indices]
-
-    step = max(1, math.ceil(len(wanted) / io_threads))
-    slices = [wanted[i:i + step] for i in range(0, len(wanted), step)]
-    fetched = [result for part in _io_pool(io_threads).map(fetch_slice, slices) for result in part]
-    for i, (data, verdict) in zip(wanted, fetched, strict=True):
-        images[i], verdicts[i] = validate.decode_checked(data, rules) if data is not None else (None, verdict)
-    return pa.table({
-        **{name: batch.column(name) for name in ("sample_id", "split", "note", "image_uri", "label")},
-        "pixels": pixel_column(images),
-        "height": pa.array([None if im is None else im.shape[0] for im in images], pa.int32()),
-        "width": pa.array([None if im is None else im.shape[1] for im in images], pa.int32()),
-        **{name: pa.array([getattr(v, name) if v else None for v in verdicts], TEXT)
-           for name in ("stage", "reason", "detail")},
-    }, schema=PREPARED_SCHEMA)
-
-
-def prepare(batch: pa.Table, rules: validate.Rules, io_threads: int, batch_rows: int,
-            block_bytes: int) -> Iterator[pa.Table]:
-    """Check rows, fetch and decode images (threads overlap the fetches), a teacher batch at a
-    time. Yields blocks of whole teacher batches that hold about ``block_bytes`` of pixels:
-    large images make small blocks, so they never crowd the object store."""
-    pending: list[pa.Table] = []
-    size = 0
-    for start in range(0, batch.num_rows, batch_rows):
-        part = _prepare_rows(batch.slice(start, batch_rows), rules, io_threads)
-        pending.append(part)
-        size += part.column("pixels").nbytes
-        if size >= block_bytes:
-            yield pa.concat_tables(pending)
-            pending, size = [], 0
-    if pending:
-        yield pa.concat_tables(pending)
-
-
-# ---------------------------------------------------------------- 3. score
-
-
-class TeacherScorer:
-    """A Ray Data actor: loads the teacher once, scores the usable rows of each batch."""
-
-    def __init__(self, info: TeacherInfo, device: str, threads: int | None) -> None:
-        from mint_ray.teachers.loader import load_teacher
-
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
-        self.teacher = load_teacher(info.uri, device, labels=info.load_labels,
-                                    prompt_template=info.prompt_template, task=info.task)
-        if tuple(self.teacher.labels) != info.labels:
-            raise MintError(f"teacher {info.uri} loaded with labels different from its spec: "
-                            "re-save the teacher")
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        from mint_ray.teachers.protocol import Case
-
-        n, n_labels = batch.num_rows, len(self.teacher.labels)
-        usable = np.flatnonzero(np.asarray(batch.column("reason").is_null()))
-        notes = batch.column("note").to_pylist()
-        images = image_views(batch.column("pixels"), batch.column("height").to_pylist(),
-                             batch.column("width").to_pylist())
-        cases = [Case(note=notes[i], image=images[i]) for i in usable]
-        values = np.zeros((n, n_labels), np.float32)
-        scored = np.zeros(n, bool)
-        verdicts = {name: batch.column(name).to_pylist() for name in ("stage", "reason", "detail")}
-        for i, (row_scores, error) in zip(usable, self._score(cases), strict=True):
-            if error is None:
-                values[i], scored[i] = row_scores, True
-            else:
-                verdicts["stage"][i], verdicts["reason"][i], verdicts["detail"][i] = "teacher", "teacher_error", error
-        scores = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), n_labels, mask=pa.array(~scored))
-        return pa.table({
-            **{name: batch.column(name) for name in ("sample_id", "split", "note", "image_uri", "label")},
-            **{name: pa.array(v, TEXT) for name, v in verdicts.items()},
-            "scores": scores.cast(pa.list_(pa.float32())),
-            "teacher_name": pa.repeat(self.teacher.name, n), "teacher_version": pa.repeat(self.teacher.version, n),
-            "scored_at": pa.repeat(time.time(), n),
-        }, schema=SCORED_SCHEMA)
-
-    def _score(self, cases: list[Any]) -> list[tuple[np.ndarray | None, str | None]]:
-        """Scores per case, or the error of a case that fails alone.
-
-        A failing batch is retried case by case so one bad row costs only itself; if
-        every case fails alone too, the teacher is broken and the error is raised.
-        """
-        if not cases:
-            return []
-        try:
-            return self._rows(self.teacher.score(cases), len(cases))
-        except Exception as batch_error:
-            results: list[tuple[np.ndarray | None, str | None]] = []
-            for case in cases:
-                try:
-                    results.extend(self._rows(self.teacher.score([case]), 1))
-                except Exception as err:
-                    results.append((None, f"{type(err).__name__}: {str(err)[:200]}"))
-            if all(error for _, error in results):
-                raise batch_error
-            return results
-
-    def _rows(self, scores: np.ndarray, n: int) -> list[tuple[np.ndarray | None, str | None]]:
-        values = np.asarray(scores, dtype=np.float32)
-        if values.shape != (n, len(self.teacher.labels)):
-            raise ValueError(f"teacher returned scores of shape {values.shape}, "
-                             f"expected {(n, len(self.teacher.labels))}")
-        finite = np.isfinite(values).all(axis=1)
-        return [(row, None) if ok else (None, "non-finite scores") for row, ok in zip(values, finite, strict=True)]
-
-
-# ---------------------------------------------------------------- 4. pairs
-
-
-def pair_rows(batch: pa.Table, plan: PairPlan) -> pa.Table:
-    """Scored rows -> pair rows (TRL conversational) and set-aside rows, one stream."""
-    rows: list[dict[str, Any]] = []
-    for r in batch.to_pylist():
-        if r["reason"] is not None:
-            rows.append(_set_aside(r, r["stage"], r["reason"], r["detail"]))
-            continue
-        ranking = rank(r["scores"], plan.labels)
-        kept, dropped = build_pairs(ranking, r["label"], plan.rule)
-        if not kept:
-            best = max(p.margin for p in dropped)
-            rows.append({**_set_aside(r, "filter", "low_margin",
-                                      f"best margin {best:.4g} < min_margin {plan.rule.min_margin:g}"),
-                         "dropped_pairs": len(dropped)})
-            continue
-        prompt = plan.prompt(r["note"])
-        common = {
-            "sample_id": r["sample_id"], "split": r["split"], "label": r["label"],
-            "image_uri": r["image_uri"], "prompt": prompt,
-            "teacher_ranking": ranking.labels, "teacher_scores": ranking.scores,
-            "teacher_top": ranking.top(plan.rule.k), "teacher_bottom": ranking.bottom(plan.rule.q),
-            "truth_rank": ranking.rank_of(r["label"]), "teacher_name": r["teacher_name"],
-            "teacher_version": r["teacher_version"], "kind": "pair", "scored_at": r["scored_at"],
-        }
-        for n, pair in enumerate(kept):
-            rows.append({**common, "pair_index": pair.pair_index,
-                         "chosen": plan.task.answer_message(pair.chosen),
-                         "rejected": plan.task.answer_message(pair.rejected),
-                         "truth_forced": pair.truth_forced, "margin": pair.margin,
-                         "case_paired": n == 0, "dropped_pairs": len(dropped) if n == 0 else 0})
-    return pa.Table.from_pylist(rows, schema=plan.union_schema)
-
-
-def _set_aside(row: dict[str, Any], stage: str, reason: str, detail: str | None) -> dict[str, Any]:
-    return {"sample_id": row["sample_id"], "split": row["split"], "label": row["label"],
-            "image_uri": row["image_uri"], "stage": stage, "reason": reason, "detail": detail,
-            "kind": "set_aside", "dropped_pairs": 0, "scored_at": row["scored_at"]}
-
-
-# ---------------------------------------------------------------- the run
 
 
 def cpus_needed(cfg: Config) -> float:
