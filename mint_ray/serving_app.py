@@ -32,16 +32,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
 import json
 import logging
-import os
 import signal
 import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +49,13 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from mint_ray import storage
 from mint_ray.config import RayConfig
 from mint_ray.errors import MintError
-from mint_ray.registry import parse_models_uri
 from mint_ray.serving.config import Config, HttpConfig, RequestBatchingConfig, RequestLimitsConfig, ServeConfig
+from mint_ray.serving.guard import RequestGuard, read_api_key
 from mint_ray.serving.inputs import (
     chat_inputs,
     check_task,
@@ -67,13 +65,11 @@ from mint_ray.serving.inputs import (
     prompt_for,
     validation_details,
 )
-from mint_ray.serving.labels import LabelIds, label_catalog, ranked_labels
-from mint_ray.serving.schemas import ChatRequest, ModelInfo, PredictRequest, PredictResponse, RequestError, error_body
-from mint_ray.tasks import TASKS, Task, get_task
+from mint_ray.serving.labels import ranked_labels
+from mint_ray.serving.loading import LoadedModel, alias_version, load_model, parse_model_uri, pinned_version
+from mint_ray.serving.schemas import ChatRequest, PredictRequest, PredictResponse, RequestError, error_body
 
 DEPLOYMENT_NAME = "MintStudent"
-# Probes (Kubernetes, load balancers) carry no key.
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 # Serve routes the "ray.serve" logger into the replica's log file.
 log = logging.getLogger("ray.serve")
 
@@ -81,195 +77,6 @@ log = logging.getLogger("ray.serve")
 CLI_FLAGS = {"model-uri": "app.model_uri", "task": "app.task", "tracking-uri": "app.tracking_uri",
              "api-key-env": "app.api_key_env", "host": "http.host", "port": "http.port",
              "address": "ray.address"}
-
-
-# ============================================================== models and the registry
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """What ``model_uri`` names: a registered model by alias or version, or a directory."""
-
-    uri: str
-    name: str
-    alias: str | None = None
-    version: str | None = None
-
-    @property
-    def registered(self) -> bool:
-        return self.uri.startswith("models:/")
-
-
-def parse_model_uri(uri: str) -> ModelRef:
-    parsed = parse_models_uri(uri)
-    if parsed is not None:
-        name, version, alias = parsed
-        return ModelRef(uri, name, alias=alias, version=version)
-    return ModelRef(uri, uri.rstrip("/").rsplit("/", 1)[-1])
-
-
-def alias_version(ref: ModelRef) -> str:
-    """The version ``ref``'s alias points at now."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return str(MlflowClient().get_model_version_by_alias(ref.name, str(ref.alias)).version)
-    except MlflowException as err:
-        raise MintError(f"{ref.uri}: the registry has no alias {ref.alias!r} on model {ref.name!r} "
-                        f"({str(err).splitlines()[0]})") from None
-
-
-def pinned_version(ref: ModelRef) -> str | None:
-    """The version to load now: the alias's target, the pinned version, or None (a directory)."""
-    if ref.alias:
-        return alias_version(ref)
-    return ref.version
-
-
-@dataclass
-class LoadedModel:
-    """A loaded student and where it came from; replaced whole on an alias move."""
-
-    generator: Any  # mint_ray.generation.Generator
-    ref: ModelRef
-    version: str | None
-    task: Task
-    metadata: dict[str, Any]
-    ids: LabelIds
-    loaded_at: float = field(default_factory=time.time)
-
-    def info(self) -> ModelInfo:
-        return ModelInfo(name=self.ref.name, version=self.version, alias=self.ref.alias, uri=self.ref.uri)
-
-    def names(self) -> set[str]:
-        """What an OpenAI client may put in ``model``."""
-        out = {self.ref.name, self.ref.uri}
-        if self.version:
-            out.add(f"{self.ref.name}/{self.version}")
-        if self.ref.alias:
-            out.add(f"{self.ref.name}@{self.ref.alias}")
-        return out
-
-    def describe(self) -> dict[str, Any]:
-        source = f"models:/{self.ref.name}/{self.version}" if self.version else self.ref.uri
-        return {"id": self.ref.name, "object": "model", "created": int(self.loaded_at), "owned_by": "mint-ray",
-                "name": self.ref.name, "version": self.version, "alias": self.ref.alias, "task": self.task.name,
-                "kind": self.metadata.get("kind"), "objective": self.metadata.get("objective"),
-                "base_model": self.metadata.get("base_model"), "model_uri": self.ref.uri, "source": source,
-                "label_ids": len(self.ids)}
-
-
-def load_model(cfg: ServeConfig, ref: ModelRef, version: str | None) -> LoadedModel:
-    """Download (registered models: exactly ``version``) and load the student. The download
-    is deleted once the weights are in memory: a replica that is killed leaves no files."""
-    from mint_ray.generation import load_generator
-    from mint_ray.registry import local_model_dir
-
-    uri = f"models:/{ref.name}/{version}" if ref.registered and version else ref.uri
-    generator = load_generator(local_model_dir(uri))
-    if generator.task not in TASKS:
-        raise MintError(f"{uri}: mint_model.json names task {generator.task!r}; "
-                        f"a served model must do one of {', '.join(sorted(TASKS))}")
-    if cfg.task and generator.task != cfg.task:
-        raise MintError(f"{uri} is a {generator.task} model but the application is configured for "
-                        f"task {cfg.task!r}: fix model_uri or task")
-    task = get_task(generator.task)
-    ids = LabelIds(label_catalog(task, generator.metadata, cfg.label_catalog_uri))
-    return LoadedModel(generator, ref, version, task, generator.metadata, ids)
-
-
-def read_api_key(cfg: ServeConfig) -> bytes | None:
-    if cfg.api_key_env is None:
-        return None
-    key = os.environ.get(cfg.api_key_env, "")
-    if not key:
-        raise MintError(f"api_key_env is {cfg.api_key_env!r} but that environment variable is empty "
-                        "on the replica: set it (or drop api_key_env to serve without a key)")
-    return key.encode()
-
-
-# ============================================================== HTTP plumbing
-
-
-def route_path(scope: Scope) -> str:
-    """The path inside the application (Serve passes the route prefix as root_path)."""
-    path, root = scope.get("path", ""), scope.get("root_path", "")
-    if root and path.startswith(root):
-        path = path[len(root):] or "/"
-    return path
-
-
-def request_id_of(scope: Scope) -> str:
-    for key, value in scope.get("headers", []):
-        if key == b"x-request-id":
-            return value.decode("latin-1")
-    return ""
-
-
-class RequestGuard:
-    """Pure ASGI middleware in front of every route: the bearer key, then the body limit
-    (Content-Length, and the bytes actually received), then the app with the body replayed."""
-
-    def __init__(self, app: ASGIApp, api_key: bytes | None, max_body_bytes: int) -> None:
-        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int, code: str, message: str,
-                      headers: dict[str, str] | None = None) -> None:
-        body = error_body(status, code, message, request_id_of(scope))
-        await JSONResponse(body, status_code=status, headers=headers)(scope, receive, send)
-
-    def _authorized(self, scope: Scope) -> bool:
-        assert self.api_key is not None
-        for key, value in scope.get("headers", []):
-            if key == b"authorization":
-                scheme, _, token = value.partition(b" ")
-                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
-        return False
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        scope.setdefault("state", {})["started"] = time.perf_counter()
-        if self.api_key is not None and route_path(scope) not in OPEN_PATHS and not self._authorized(scope):
-            await self._refuse(scope, receive, send, 401, "unauthorized",
-                               "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                               {"WWW-Authenticate": "Bearer"})
-            return
-        if scope["method"] not in ("POST", "PUT", "PATCH"):
-            await self.app(scope, receive, send)
-            return
-        too_large = f"request body is over the limit of {self.max_body_bytes} bytes"
-        declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None:
-            if not declared.isdigit():
-                await self._refuse(scope, receive, send, 400, "bad_content_length", "Content-Length is not a number")
-                return
-            if int(declared) > self.max_body_bytes:
-                await self._refuse(scope, receive, send, 413, "body_too_large", too_large)
-                return
-        body = bytearray()
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if len(body) > self.max_body_bytes:  # chunked uploads declare no length
-                await self._refuse(scope, receive, send, 413, "body_too_large", too_large)
-                return
-            more = message.get("more_body", False)
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
 
 
 # ============================================================== the deployment

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from mint_ray.serving.config import ServeConfig
-from mint_ray.serving_app import parse_model_uri
+from mint_ray.serving.loading import parse_model_uri
 from mint_ray.tasks import TISSUE_TYPES
 from tests.conftest import free_port
 from tests.serving_inputs import SMALL, b64, bomb_header, png

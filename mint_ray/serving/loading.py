@@ -1,0 +1,105 @@
+"""Which model a ``model_uri`` names, and loading it: the student, its task (worded
+as its metadata records it) and the label ids it can report.
+
+A registered model is loaded at an exact version (an alias is resolved first);
+its folder goes to the node-local model cache (:mod:`mint_ray.model_folders`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from mint_ray.errors import MintError
+from mint_ray.registry import alias_version as registry_alias_version
+from mint_ray.registry import local_model_dir, parse_models_uri
+from mint_ray.serving.config import ServeConfig
+from mint_ray.serving.labels import LabelIds, label_catalog
+from mint_ray.serving.schemas import ModelInfo
+from mint_ray.tasks import TASKS, Task, get_task
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What ``model_uri`` names: a registered model by alias or version, or a directory."""
+
+    uri: str
+    name: str
+    alias: str | None = None
+    version: str | None = None
+
+    @property
+    def registered(self) -> bool:
+        return self.uri.startswith("models:/")
+
+
+def parse_model_uri(uri: str) -> ModelRef:
+    parsed = parse_models_uri(uri)
+    if parsed is not None:
+        name, version, alias = parsed
+        return ModelRef(uri, name, alias=alias, version=version)
+    return ModelRef(uri, uri.rstrip("/").rsplit("/", 1)[-1])
+
+
+def alias_version(ref: ModelRef) -> str:
+    """The version ``ref``'s alias points at now."""
+    return registry_alias_version(ref.name, str(ref.alias))
+
+
+def pinned_version(ref: ModelRef) -> str | None:
+    """The version to load now: the alias's target, the pinned version, or None (a directory)."""
+    if ref.alias:
+        return alias_version(ref)
+    return ref.version
+
+
+@dataclass
+class LoadedModel:
+    """A loaded student and where it came from; replaced whole on an alias move."""
+
+    generator: Any  # mint_ray.generation.Generator
+    ref: ModelRef
+    version: str | None
+    task: Task
+    metadata: dict[str, Any]
+    ids: LabelIds
+    loaded_at: float = field(default_factory=time.time)
+
+    def info(self) -> ModelInfo:
+        return ModelInfo(name=self.ref.name, version=self.version, alias=self.ref.alias, uri=self.ref.uri)
+
+    def names(self) -> set[str]:
+        """What an OpenAI client may put in ``model``."""
+        out = {self.ref.name, self.ref.uri}
+        if self.version:
+            out.add(f"{self.ref.name}/{self.version}")
+        if self.ref.alias:
+            out.add(f"{self.ref.name}@{self.ref.alias}")
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        source = f"models:/{self.ref.name}/{self.version}" if self.version else self.ref.uri
+        return {"id": self.ref.name, "object": "model", "created": int(self.loaded_at), "owned_by": "mint-ray",
+                "name": self.ref.name, "version": self.version, "alias": self.ref.alias, "task": self.task.name,
+                "kind": self.metadata.get("kind"), "objective": self.metadata.get("objective"),
+                "base_model": self.metadata.get("base_model"), "model_uri": self.ref.uri, "source": source,
+                "label_ids": len(self.ids)}
+
+
+def load_model(cfg: ServeConfig, ref: ModelRef, version: str | None) -> LoadedModel:
+    """Load the student (registered models: exactly ``version``) from the node-local model
+    cache, fetching it there first if this node has no copy yet."""
+    from mint_ray.generation import load_generator
+
+    uri = f"models:/{ref.name}/{version}" if ref.registered and version else ref.uri
+    generator = load_generator(local_model_dir(uri))
+    if generator.task not in TASKS:
+        raise MintError(f"{uri}: mint_model.json names task {generator.task!r}; "
+                        f"a served model must do one of {', '.join(sorted(TASKS))}")
+    if cfg.task and generator.task != cfg.task:
+        raise MintError(f"{uri} is a {generator.task} model but the application is configured for "
+                        f"task {cfg.task!r}: fix model_uri or task")
+    task = get_task(generator.task)
+    ids = LabelIds(label_catalog(task, generator.metadata, cfg.label_catalog_uri))
+    return LoadedModel(generator, ref, version, task, generator.metadata, ids)
