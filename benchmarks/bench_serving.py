@@ -7,7 +7,7 @@ request a 4xx, every good one answered) and exits non-zero when it is broken.
 
 The model is an untrained tiny rare-disease student (``tests/tinymodels.py``),
 registered in a throwaway MLflow registry (SQLite + local artifacts) and served as
-``models:/bench-text@champion`` through ``mint_ray.serving_app`` exactly as in
+``models:/bench-text@champion`` through ``mint_ray.serving`` exactly as in
 production. Every good request generates ``--max-new-tokens`` tokens (an untrained
 model rarely stops early), so requests cost the same in both runs.
 
@@ -132,7 +132,7 @@ def run_load(name: str, base: str, clients: int, per_client: int, malformed_ever
 def redeploy(cfg: Any) -> None:
     from ray import serve
 
-    from mint_ray.serving_app import build_app
+    from mint_ray.serving.app import build_app
 
     serve.run(build_app(cfg), name=APP, route_prefix="/")
 

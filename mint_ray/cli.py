@@ -28,7 +28,7 @@ STAGES: dict[tuple[str, ...], str] = {
     ("evaluate",): "mint_ray.evaluation.run",
     ("promote",): "mint_ray.evaluation.promote",
     ("compare",): "mint_ray.evaluation.compare",
-    ("serve",): "mint_ray.serving_app",
+    ("serve",): "mint_ray.serving.run",
     ("demo",): "mint_ray.demo",
 }
 

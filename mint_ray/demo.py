@@ -130,7 +130,7 @@ def run(cfg: Config) -> dict[str, Any]:
     answers: dict[str, Any] = {}
     if cfg.serve and champions:
         from mint_ray.config import TrackingConfig
-        from mint_ray.serving_app import serve_and_ask
+        from mint_ray.serving.client import serve_and_ask
         from mint_ray.tracking import resolve_tracking_uri
 
         t0 = time.time()

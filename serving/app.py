@@ -1,6 +1,6 @@
 """Entry for ``serve run serving/config.yaml`` / ``serve deploy`` and the RayService
 (``import_path: serving.app:build_app``). The application's ``args`` are a
-``mint_ray.serving_app.ServeConfig`` (unknown keys are an error):
+``mint_ray.serving.config.ServeConfig`` (unknown keys are an error):
 
     args:
       model_uri: models:/<name>@champion   # or models:/<name>/<version>, s3://..., a local dir
@@ -13,6 +13,6 @@ The deployment (``MintStudent``) lives in the installed package, so replicas nee
 nothing from this folder.
 """
 
-from mint_ray.serving_app import build_app
+from mint_ray.serving.app import build_app
 
 __all__ = ["build_app"]

@@ -68,7 +68,7 @@ def served(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     import ray
     from ray import serve
 
-    from mint_ray.serving_app import build_app
+    from mint_ray.serving.app import build_app
     from tests.tinymodels import make_student_dir
 
     tmp = tmp_path_factory.mktemp("serving")
@@ -311,7 +311,7 @@ def test_mint_ray_serve_cli_and_ask(served: Served) -> None:
     from ray import serve
 
     from mint_ray.cli import run_stage
-    from mint_ray.serving_app import ask
+    from mint_ray.serving.client import ask
 
     port = served.base.rsplit(":", 1)[1]
     summary = run_stage(["serve", "--model-uri", served.vision_uri, "--tracking-uri", served.tracking_uri,
@@ -331,7 +331,8 @@ def test_mint_ray_serve_cli_and_ask(served: Served) -> None:
 def test_serve_and_ask_for_the_local_demo(served: Served) -> None:
     from ray import serve
 
-    from mint_ray.serving_app import HttpConfig, serve_and_ask
+    from mint_ray.serving.client import serve_and_ask
+    from mint_ray.serving.config import HttpConfig
 
     port = int(served.base.rsplit(":", 1)[1])
     try:
@@ -346,7 +347,7 @@ def test_serve_and_ask_for_the_local_demo(served: Served) -> None:
 @pytest.mark.mlflow_server
 def test_serve_refuses_a_missing_alias(served: Served) -> None:
     from mint_ray.errors import MintError
-    from mint_ray.serving_app import preflight
+    from mint_ray.serving.run import preflight
 
     with pytest.raises(MintError, match="no alias 'staging'"):
         preflight(ServeConfig(model_uri=f"models:/{served.text_name}@staging", tracking_uri=served.tracking_uri))

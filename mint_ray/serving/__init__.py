@@ -1,5 +1,20 @@
 """Serve a registered student over HTTP with Ray Serve (``mint-ray serve``).
 
-One concern per module; nothing is imported here, so importing one module does
-not pull in the others (``config`` needs no Ray Serve).
+One application serves one model (so one task). One concern per module:
+
+- ``config``: what an application (``ServeConfig``) and ``mint-ray serve`` are configured with;
+- ``schemas``: the request and response bodies, and the one error shape;
+- ``inputs``: a request's fields checked against the limits and the served task,
+  its image decoded, its prompt built (pure: no Ray, no I/O);
+- ``labels``: label names -> ids, and the ranked labels of an answer;
+- ``loading``: which model a URI names; loading it with its task and label ids;
+- ``guard``: the ASGI middleware in front of every route (API key, body size);
+- ``deployment``: the Serve replica (the model, the alias watcher, the batcher);
+- ``routes``: a replica's HTTP routes;
+- ``app``: ``build_app``, what ``serve run``/``serve deploy`` and the RayService import
+  (``mint_ray.serving.app:build_app``; their configs are in the repository's ``serving/``);
+- ``run``: the ``mint-ray serve`` stage (preflight, deploy, serve until Ctrl-C);
+- ``client``: ``ask`` (one request, stdlib only) and ``serve_and_ask`` (the local demo).
+
+Nothing is imported here: a client or a config reader does not pull in Ray Serve.
 """

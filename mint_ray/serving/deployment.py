@@ -1,0 +1,154 @@
+"""The Serve deployment: one replica holds the model, follows its alias and batches.
+
+Requests are batched with ``@serve.batch`` (size and wait from config, changed live
+through ``user_config``). A replica that serves an alias polls the registry and,
+when the alias moves, loads the new version beside the old one and swaps the
+reference: a batch already running keeps the model object it started with, so no
+request is dropped. The HTTP routes are built by :mod:`mint_ray.serving.routes`
+once the model is loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+from ray import serve
+from starlette.types import ASGIApp
+
+from mint_ray import storage
+from mint_ray.errors import MintError
+from mint_ray.serving.config import RequestBatchingConfig, ServeConfig
+from mint_ray.serving.guard import read_api_key
+from mint_ray.serving.inputs import check_task, decode_base64, decode_image, prompt_for
+from mint_ray.serving.loading import LoadedModel, alias_version, load_model, parse_model_uri, pinned_version
+from mint_ray.serving.routes import create_api
+from mint_ray.serving.schemas import RequestError
+
+DEPLOYMENT_NAME = "MintStudent"
+# Serve routes the "ray.serve" logger into the replica's log file.
+log = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One validated request, ready for the batch."""
+
+    messages: list[dict[str, Any]]
+    image: Image.Image | None
+    top_k: int
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    model: LoadedModel
+
+
+@serve.deployment(name=DEPLOYMENT_NAME)
+@serve.ingress()
+class MintStudent:
+    """A replica: the model, the alias watcher, the batcher and the HTTP routes."""
+
+    async def __init__(self, config: dict[str, Any]) -> None:
+        self.cfg = ServeConfig.model_validate(config)
+        # PIL's own guard for any decode path, at the configured limit.
+        Image.MAX_IMAGE_PIXELS = self.cfg.limits.max_image_pixels
+        self.api_key = read_api_key(self.cfg)
+        if self.cfg.tracking_uri:
+            import mlflow
+
+            mlflow.set_tracking_uri(self.cfg.tracking_uri)
+        self.ref = parse_model_uri(self.cfg.model_uri)
+        version = await asyncio.to_thread(pinned_version, self.ref)
+        self.model: LoadedModel = await asyncio.to_thread(load_model, self.cfg, self.ref, version)
+        self.alias_error: str | None = None
+        self.alias_checked_at: float | None = None
+        self._watcher: asyncio.Task | None = None
+        if self.ref.alias and self.cfg.alias_poll_s > 0:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_alias())
+        log.info("serving %s (version %s, task %s)", self.ref.uri, self.model.version, self.model.task.name)
+
+    def __serve_build_asgi_app__(self) -> ASGIApp:
+        return create_api(self)
+
+    def __del__(self) -> None:
+        """Serve calls this when it stops the replica: stop polling the alias."""
+        if getattr(self, "_watcher", None) is not None:
+            self._watcher.cancel()
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """``user_config`` carries the batching settings; Serve calls this on start and on
+        every change, without restarting the replica."""
+        batching = RequestBatchingConfig.model_validate(user_config or {})
+        self._generate.set_max_batch_size(batching.max_batch_size)
+        self._generate.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+
+    @property
+    def max_new_tokens(self) -> int:
+        from mint_ray.generation import SAMPLING_TEXT, SAMPLING_VISION
+
+        default = SAMPLING_TEXT if self.model.task.modality == "text" else SAMPLING_VISION
+        return self.cfg.max_new_tokens or int(default["max_new_tokens"])
+
+    async def _watch_alias(self) -> None:
+        """Follow the alias: load a new version beside the old one, then swap the reference."""
+        while True:
+            await asyncio.sleep(self.cfg.alias_poll_s)
+            try:
+                version = await asyncio.to_thread(alias_version, self.ref)
+                self.alias_checked_at, self.alias_error = time.time(), None
+                if version == self.model.version:
+                    continue
+                log.info("alias %s moved to version %s: loading it", self.ref.uri, version)
+                new = await asyncio.to_thread(load_model, self.cfg, self.ref, version)
+                if new.task.name != self.model.task.name:
+                    raise MintError(f"version {version} is a {new.task.name} model; this deployment serves "
+                                    f"{self.model.task.name}: keeping version {self.model.version}")
+                # Batches in flight hold the old model itself and finish on it.
+                self.model = new
+                log.info("now serving %s version %s", self.ref.name, new.version)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # keep serving the loaded version
+                self.alias_error = storage.redact(str(err).splitlines()[0] if str(err) else type(err).__name__)
+                log.warning("alias check of %s failed: %s", self.ref.uri, self.alias_error)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)  # replaced from config by reconfigure()
+    async def _generate(self, jobs: list[Job]) -> list[Answer]:
+        model = self.model  # one model for the whole batch, even if the alias moves now
+        images = [j.image for j in jobs] if model.task.modality == "image" else None
+        texts = await asyncio.to_thread(model.generator.generate, [j.messages for j in jobs], images,
+                                        max_new_tokens=self.max_new_tokens)
+        return [Answer(text, model) for text in texts]
+
+    async def prepare(self, task_name: str, note: str | None, image: bytes | str | None,
+                      top_k: int | None) -> Job:
+        """Validate one request against the loaded model and the limits."""
+        task = check_task(task_name, self.model.task)
+        limits = self.cfg.limits
+        k = top_k or task.n_answers
+        if k > limits.max_top_k:
+            raise RequestError(422, "invalid_field", f"top_k is at most {limits.max_top_k}", "top_k")
+        if task.modality == "text":
+            if image is not None:
+                raise RequestError(422, "wrong_input", f"task {task.name} reads a clinical note, not an image",
+                                   "image")
+            if note is None or not note.strip():
+                raise RequestError(422, "missing_note", f"task {task.name} needs a non-empty 'note'", "note")
+            if len(note) > limits.max_note_chars:
+                raise RequestError(422, "note_too_long", f"note is {len(note)} characters, over the limit of "
+                                   f"{limits.max_note_chars}", "note")
+            return Job(prompt_for(task, note, k), None, k)
+        if image is None:
+            raise RequestError(422, "missing_image", f"task {task.name} needs an 'image'", "image")
+        raw = decode_base64(image, limits) if isinstance(image, str) else image
+        pil = await asyncio.to_thread(decode_image, raw, limits)
+        return Job(prompt_for(task, None, k), pil, k)
+
+    async def answer(self, job: Job) -> Answer:
+        return await self._generate(job)
