@@ -296,7 +296,7 @@ def serve_config_of_rayservice() -> dict[str, Any]:
 def test_rayservice_serve_config_is_valid() -> None:
     config = serve_config_of_rayservice()
     assert vm.check_serve_config(config) == []
-    assert {a["import_path"] for a in config["applications"]} == {"serving.app:build_app"}
+    assert {a["import_path"] for a in config["applications"]} == {"mint_ray.serving.app:build_app"}
     assert config["http_options"]["host"] == "0.0.0.0"
 
 

@@ -1,1 +1,0 @@
-"""The Ray Serve application of mint-ray (``serving.app:build_app``)."""
