@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +23,15 @@ from mint_ray.model_folders import publish_dir
 from mint_ray.tasks import TISSUE_TYPES
 from mint_ray.teachers import (
     Case,
+    Preprocessor,
     Teacher,
+    load_preprocessor,
     load_teacher,
     save_teacher_dir,
     score_all,
     top_k_accuracy,
 )
-from mint_ray.teachers.clip import contrastive_loss
+from mint_ray.teachers.clip import ClipSettings, build_tiny_clip, contrastive_loss
 from mint_ray.teachers.fusion import FusionSettings, FusionTeacher
 from mint_ray.teachers.protocol import SPEC_FILE
 from mint_ray.teachers.train import Config, _user_error, read_cases, run, shard_positions
@@ -182,6 +185,99 @@ def test_fusion_teacher_without_notes_scores_images() -> None:
     np.testing.assert_allclose(np.exp(scores).sum(axis=1), 1.0, rtol=1e-5)
 
 
+# ---------------------------------------------------------------- prepare on CPU, score on the model
+
+
+def _mixed_cases(rng: np.random.Generator) -> list[Case]:
+    """Notes of every length (none, blank, truncated) and images of several sizes (or none)."""
+    notes = [None, "  ", "Seizures", "Hypotonia Macrocephaly Short stature " * 30, "Cleft palate Ptosis"]
+    shapes = [(32, 32), (50, 40), (3, 40), None, (17, 90)]
+    return [Case(note=note, image=None if shape is None else rng.integers(0, 255, (*shape, 3), dtype=np.uint8))
+            for note, shape in zip(notes, shapes, strict=True)]
+
+
+def _fusion_scores_before(teacher: FusionTeacher, cases: list[Case]) -> np.ndarray:
+    """The fusion teacher's score() before the CPU step was split off (padding to the batch)."""
+    from mint_ray.images import resize
+
+    notes = [c.note.strip() if c.note and c.note.strip() else "" for c in cases]
+    ids = teacher.tokenizer(notes, add_special_tokens=False, truncation=True,
+                            max_length=teacher.settings.max_text_tokens)["input_ids"]
+    width = max(1, *(len(x) for x in ids))
+    input_ids = torch.full((len(cases), width), teacher.tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(cases), width), dtype=torch.long)
+    for i, row in enumerate(ids):
+        input_ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row, dtype=torch.long), 1
+    mask[:, 0] = 1
+    size = teacher.settings.image_size
+    images = np.zeros((len(cases), size, size, 3), dtype=np.uint8)
+    for i, c in enumerate(cases):
+        if c.image is not None:
+            images[i] = resize(c.image, size)
+    with torch.inference_mode():
+        logits = teacher.model(input_ids, mask, torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+                               torch.tensor([bool(n) for n in notes]),
+                               torch.tensor([c.image is not None for c in cases]))
+    return torch.log_softmax(logits.float(), dim=-1).numpy()
+
+
+def _clip_scores_before(teacher: Any, cases: list[Case]) -> np.ndarray:
+    """The CLIP teacher's score() before the CPU step was split off."""
+    with torch.inference_mode():
+        pixels = teacher.processor.image_processor(images=[c.image for c in cases],
+                                                   return_tensors="pt")["pixel_values"]
+        image = torch.nn.functional.normalize(
+            teacher.model.get_image_features(pixel_values=pixels).pooler_output.float(), dim=-1)
+        return (image @ teacher._label_embeddings().T * teacher.model.logit_scale.exp().float()).numpy()
+
+
+def _check_prepared_path(teacher: Any, cases: list[Case], before: Callable[[Any, list[Case]], np.ndarray],
+                         folder: Path) -> None:
+    """score(), score_prepared() on a slice of prepare()'s rows, and the CPU side loaded
+    from the folder without weights all give the scores the teacher gave before."""
+    np.testing.assert_array_equal(teacher.score(cases), before(teacher, cases))
+    prepared = teacher.prepare(cases)
+    np.testing.assert_array_equal(teacher.score_prepared({k: v[1:3] for k, v in prepared.items()}),
+                                  before(teacher, cases[1:3]))
+    save_teacher_dir(teacher, str(folder))
+    cpu_side = load_preprocessor(str(folder))
+    assert isinstance(cpu_side, Preprocessor) and cpu_side.kind == teacher.kind
+    again = cpu_side.prepare(cases)
+    assert all(np.array_equal(again[k], v) and again[k].dtype == v.dtype for k, v in prepared.items())
+    empty = cpu_side.prepare([])
+    assert {k: (v.shape[1:], v.dtype) for k, v in empty.items()} == \
+        {k: (v.shape[1:], v.dtype) for k, v in prepared.items()}
+    assert teacher.score_prepared(empty).shape == (0, len(teacher.labels))
+
+
+def test_fusion_prepared_path_scores_as_before(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cases = _mixed_cases(np.random.default_rng(0))
+    teacher = FusionTeacher.build(FusionSettings(vocab_size=300, text_dim=16, text_layers=1, max_text_tokens=16,
+                                                 image_size=16, cnn_channels=[8], hidden=16),
+                                  train_tokenizer([c.note or "" for c in cases], 300),
+                                  name="t", task="rare_disease", labels=DISEASES)
+    teacher.model.eval()
+    _check_prepared_path(teacher, cases, _fusion_scores_before, tmp_path / "fusion")
+    assert teacher.prepare(cases)["input_ids"].shape == (5, 16)  # padded to max_text_tokens on the CPU side
+
+
+def test_clip_prepared_path_scores_as_before(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cases = [c for c in _mixed_cases(np.random.default_rng(1)) if c.image is not None]
+    teacher = build_tiny_clip(ClipSettings(vocab_size=300, hidden_size=32, intermediate_size=64, layers=1,
+                                           projection_dim=32, image_size=32, patch_size=8),
+                              name="t", task="tissue_type", labels=TISSUES)
+    # The 3-pixel-high image first would make the processor guess channels-first; the
+    # reference scores the others, the prepared path (channels_last said) takes all.
+    ordinary = [c for c in cases if c.image.shape[0] != 3]  # type: ignore[union-attr]
+    _check_prepared_path(teacher, ordinary, _clip_scores_before, tmp_path / "clip")
+    thin = teacher.prepare([cases[2]])["pixel_values"]
+    assert cases[2].image.shape[0] == 3 and thin.shape == (1, 3, 32, 32)  # type: ignore[union-attr]
+    with pytest.raises(MintError, match="has none"):
+        teacher.prepare([Case(note="no image")])
+
+
 # ---------------------------------------------------------------- fusion teacher
 
 
@@ -272,6 +368,8 @@ def test_bare_siglip_directory_scores_label_prompts(tmp_path: Path) -> None:
     scores = teacher.score([Case(image=image), Case(image=image[:20])])
     assert scores.shape == (2, len(TISSUE_TYPES)) and np.isfinite(scores).all()
     assert teacher.name == tmp_path.name and len(teacher.version) == 16
+    prepared = load_preprocessor(str(tmp_path)).prepare([Case(image=image), Case(image=image[:20])])
+    np.testing.assert_array_equal(teacher.score_prepared(prepared), scores)
 
 
 # ---------------------------------------------------------------- S3
@@ -290,6 +388,14 @@ def test_teacher_loads_from_s3(fusion: dict[str, Any], s3_bucket: str, tmp_path:
     assert remote.version == local.version
     cases, _ = read_cases(fusion["cohort"], "rare_disease", "validation", local.labels, False)
     np.testing.assert_array_equal(score_all(remote, cases), score_all(local, cases))
+    # The CPU side comes from the spec and tokenizer files: the weights are never fetched.
+    fetched: list[str] = []
+    read_bytes = storage.read_bytes
+    monkeypatch.setattr(storage, "read_bytes", lambda u: fetched.append(u) or read_bytes(u))
+    inputs = load_preprocessor(uri).prepare(cases)
+    np.testing.assert_array_equal(remote.score_prepared(inputs), score_all(local, cases))
+    assert fetched and not [u for u in fetched if u.endswith(".safetensors")]
+    monkeypatch.setattr(storage, "read_bytes", read_bytes)
     # A second load hits the cache (same spec) instead of downloading again.
     assert load_teacher(uri, device="cpu").version == local.version
     assert len([p for p in (tmp_path / "cache" / "models").iterdir() if not p.name.startswith(".")]) == 1

@@ -2,15 +2,16 @@
 
 Any Hugging Face ``CLIPModel`` / ``SiglipModel`` directory works (loaded with
 ``AutoModel`` and ``AutoProcessor``; without torchvision the processor falls
-back to the PIL image backend). For the local run, :func:`build_tiny_clip`
-makes a small CLIP from a config with a tokenizer trained here, which the
-training job fits contrastively on the cohort's images and their label
-captions, so the teacher has real knowledge.
+back to the PIL image backend). Its image processor is the CPU side
+(:class:`~mint_ray.teachers.inputs.ClipInputs`); the model side only scores.
+For the local run, :func:`build_tiny_clip` makes a small CLIP from a config
+with a tokenizer trained here, which the training job fits contrastively on
+the cohort's images and their label captions, so the teacher has real knowledge.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,8 @@ from torch.nn import functional as F
 from mint_ray.config import StrictModel
 from mint_ray.errors import MintError
 from mint_ray.images import resize
-from mint_ray.teachers.protocol import Case, TeacherSpec, weights_version
+from mint_ray.teachers.inputs import ClipInputs
+from mint_ray.teachers.protocol import Case, TeacherSpec, as_tensor, weights_version
 
 WEIGHTS = "model.safetensors"
 
@@ -92,6 +94,7 @@ class ClipTeacher:
         self.device = device
         self.model.to(device)
         self._text_embeds: torch.Tensor | None = None
+        self.inputs = ClipInputs(processor.image_processor)
 
     # ---- construction ---------------------------------------------------------
     @classmethod
@@ -141,8 +144,11 @@ class ClipTeacher:
         return {k: v for k, v in out.items() if k in ("input_ids", "attention_mask")}
 
     def pixel_values(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        return self.processor.image_processor(images=list(images),
-                                              return_tensors="pt")["pixel_values"]
+        return torch.from_numpy(self.inputs.pixel_values(images))
+
+    def prepare(self, cases: Sequence[Case]) -> dict[str, np.ndarray]:
+        """The CPU step (:class:`~mint_ray.teachers.inputs.ClipInputs`): the images' pixel values."""
+        return self.inputs.prepare(cases)
 
     def encode(self, cases: Sequence[Case]) -> dict[str, torch.Tensor]:
         """Training inputs: images resized to the model's input size, kept uint8 (NHWC)."""
@@ -176,19 +182,15 @@ class ClipTeacher:
             self._text_embeds = F.normalize(feats.float(), dim=-1)
         return self._text_embeds
 
-    def score(self, cases: Sequence[Case]) -> np.ndarray:
-        """The model's image-text logits for each label prompt, ``[len(cases), len(labels)]``."""
-        if not cases:
+    def score_prepared(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The model's image-text logits for each label prompt, ``[rows, len(labels)]``."""
+        if not len(inputs["pixel_values"]):
             return np.zeros((0, len(self.labels)), dtype=np.float32)
-        missing = [i for i, c in enumerate(cases) if c.image is None]
-        if missing:
-            raise MintError(f"the CLIP teacher scores images: case {missing[0]} has none "
-                            "(the caller must quarantine cases without an image)")
         was_training = self.model.training
         self.model.eval()
         with torch.inference_mode():
             text = self._label_embeddings()
-            pixels = self.pixel_values([c.image for c in cases]).to(self.device)  # type: ignore[misc]
+            pixels = as_tensor(inputs["pixel_values"]).to(self.device)
             image = F.normalize(self.model.get_image_features(pixel_values=pixels)
                                 .pooler_output.float(), dim=-1)
             logits = image @ text.T * self.model.logit_scale.exp().float()
@@ -196,6 +198,10 @@ class ClipTeacher:
                 logits = logits + self.model.logit_bias.float()
         self.model.train(was_training)
         return logits.cpu().numpy()
+
+    def score(self, cases: Sequence[Case]) -> np.ndarray:
+        """``score_prepared(prepare(cases))``; a case without an image is an error."""
+        return self.score_prepared(self.prepare(cases))
 
     def save_pretrained(self, directory: Path) -> TeacherSpec:
         """Write model, processor and tokenizer; the version becomes the weights' hash."""

@@ -12,7 +12,7 @@ rare-disease cohort it stayed at chance; with 0.25 it carries signal alone).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +25,8 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from mint_ray.config import StrictModel
 from mint_ray.errors import MintError
-from mint_ray.images import resize
-from mint_ray.teachers.protocol import Case, TeacherSpec, weights_version
+from mint_ray.teachers.inputs import FusionInputs
+from mint_ray.teachers.protocol import Case, TeacherSpec, as_tensor, weights_version
 
 WEIGHTS = "model.safetensors"
 POOL_GRID = 4
@@ -100,6 +100,20 @@ class FusionModel(nn.Module):
         return self.head(torch.cat([text, image, tp, ip], dim=-1))
 
 
+def model_inputs(inputs: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Prepared arrays -> the model's tensors. Token ids are cut to the batch's longest note
+    (prepared rows are padded to ``max_text_tokens``), as if padded to the batch."""
+    mask = inputs["attention_mask"]
+    width = int(mask.sum(axis=1).max()) if len(mask) else 1
+    return {
+        "input_ids": as_tensor(inputs["input_ids"][:, :width]).long(),
+        "attention_mask": as_tensor(mask[:, :width]).long(),
+        "images": as_tensor(inputs["images"]),
+        "text_present": as_tensor(inputs["text_present"]),
+        "image_present": as_tensor(inputs["image_present"]),
+    }
+
+
 class FusionTeacher:
     """A trained (or training) fusion classifier behind the ``Teacher`` protocol."""
 
@@ -116,6 +130,8 @@ class FusionTeacher:
         self.labels = tuple(labels)
         self.device = device
         self.model.to(device)
+        self.inputs = FusionInputs(tokenizer, max_text_tokens=settings.max_text_tokens,
+                                   image_size=settings.image_size)
 
     @classmethod
     def build(cls, settings: FusionSettings, tokenizer: PreTrainedTokenizerBase, *, name: str,
@@ -147,32 +163,13 @@ class FusionTeacher:
         self.model.to(device)
 
     # ---- inputs -------------------------------------------------------------
+    def prepare(self, cases: Sequence[Case]) -> dict[str, np.ndarray]:
+        """The CPU step (:class:`~mint_ray.teachers.inputs.FusionInputs`)."""
+        return self.inputs.prepare(cases)
+
     def encode(self, cases: Sequence[Case]) -> dict[str, torch.Tensor]:
         """Cases -> CPU tensors the model takes (images kept uint8 until the forward)."""
-        notes = [c.note.strip() if c.note and c.note.strip() else "" for c in cases]
-        ids = self.tokenizer(notes, add_special_tokens=False, truncation=True,
-                             max_length=self.settings.max_text_tokens)["input_ids"]
-        width = max(1, *(len(x) for x in ids)) if ids else 1
-        input_ids = torch.full((len(cases), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(cases), width), dtype=torch.long)
-        for i, row in enumerate(ids):
-            input_ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-            attention_mask[i, :len(row)] = 1
-        # An empty note still attends to one (pad) position: a fully masked row
-        # would give NaN in attention, and its features are replaced anyway.
-        attention_mask[:, 0] = 1
-        size = self.settings.image_size
-        images = np.zeros((len(cases), size, size, 3), dtype=np.uint8)
-        for i, c in enumerate(cases):
-            if c.image is not None:
-                images[i] = resize(c.image, size)
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "images": torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
-            "text_present": torch.tensor([bool(n) for n in notes]),
-            "image_present": torch.tensor([c.image is not None for c in cases]),
-        }
+        return model_inputs(self.prepare(cases))
 
     def training_loss(self, model: nn.Module, batch: dict[str, torch.Tensor],
                       targets: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -187,17 +184,21 @@ class FusionTeacher:
         return F.cross_entropy(model(**inputs), targets)
 
     # ---- Teacher protocol ---------------------------------------------------
-    def score(self, cases: Sequence[Case]) -> np.ndarray:
-        """Log-probabilities over ``labels``, ``[len(cases), len(labels)]``."""
-        if not cases:
+    def score_prepared(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Log-probabilities over ``labels`` from prepared arrays, ``[rows, len(labels)]``."""
+        if not len(inputs["input_ids"]):
             return np.zeros((0, len(self.labels)), dtype=np.float32)
-        batch = {k: v.to(self.device) for k, v in self.encode(cases).items()}
+        batch = {k: v.to(self.device) for k, v in model_inputs(inputs).items()}
         was_training = self.model.training
         self.model.eval()
         with torch.inference_mode():
             scores = F.log_softmax(self.model(**batch).float(), dim=-1).cpu().numpy()
         self.model.train(was_training)
         return scores
+
+    def score(self, cases: Sequence[Case]) -> np.ndarray:
+        """Log-probabilities over ``labels``, ``[len(cases), len(labels)]``."""
+        return self.score_prepared(self.prepare(cases))
 
     def save_pretrained(self, directory: Path) -> TeacherSpec:
         """Write weights and tokenizer; the version becomes the weights' hash."""

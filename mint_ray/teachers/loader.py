@@ -3,22 +3,33 @@
 The kinds are named here as ``module:class`` and imported on first use, so
 ``mint_ray.teachers.protocol`` stays free of torch and the kind modules never
 import this one (no circle). A kind class provides
-``from_pretrained(directory, spec, device, *, labels, prompt_template)``.
+``from_pretrained(directory, spec, device, *, labels, prompt_template)``; its CPU
+side (:mod:`mint_ray.teachers.inputs`, no torch) loads with
+:func:`load_preprocessor` from the folder's spec and processor files alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from mint_ray import model_folders, storage
 from mint_ray.errors import MintError
-from mint_ray.teachers.protocol import SPEC_FILE, SavableTeacher, Teacher, TeacherSpec, resolve_device
+from mint_ray.teachers.inputs import PREPROCESSORS
+from mint_ray.teachers.protocol import (
+    SPEC_FILE,
+    Preprocessor,
+    SavableTeacher,
+    Teacher,
+    TeacherSpec,
+    resolve_device,
+)
 
 KINDS = {
     "fusion": "mint_ray.teachers.fusion:FusionTeacher",
@@ -26,6 +37,8 @@ KINDS = {
 }
 # Model types that a bare Hugging Face directory (no SPEC_FILE) may hold.
 HF_CLIP_TYPES = ("clip", "siglip")
+# Files a preprocessor never reads: what load_preprocessor leaves behind on the store.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
 
 
 def _check_kind(kind: str, where: str) -> None:
@@ -86,13 +99,7 @@ def load_teacher(uri: str, device: str = "auto", *, labels: Sequence[str] | None
         local = model_folders.local_copy(uri, key_file=SPEC_FILE)
         return teacher_class(spec.kind, uri).from_pretrained(local, spec, device, labels=labels,
                                                              prompt_template=prompt_template)
-    if not storage.exists(storage.join(uri, "config.json")):
-        raise MintError(f"{uri}: no teacher here (neither {SPEC_FILE} nor a Hugging Face "
-                        "config.json); train one with `mint-ray teacher train` or fix the URI")
-    config = json.loads(storage.read_bytes(storage.join(uri, "config.json")))
-    if config.get("model_type") not in HF_CLIP_TYPES:
-        raise MintError(f"{uri}: model_type {config.get('model_type')!r} is not a CLIP-family "
-                        f"model ({', '.join(HF_CLIP_TYPES)}); only those load without {SPEC_FILE}")
+    _check_bare_clip(uri)
     if not labels or not prompt_template or not task:
         raise MintError(f"{uri}: a bare CLIP/SigLIP directory needs labels, prompt_template "
                         "(e.g. 'an H&E image of {label} tissue nuclei') and task")
@@ -100,3 +107,44 @@ def load_teacher(uri: str, device: str = "auto", *, labels: Sequence[str] | None
     name = uri.rstrip("/").rsplit("/", 1)[-1]
     return teacher_class("clip", uri).from_hf_dir(local, name=name, task=task, labels=labels,
                                                   prompt_template=prompt_template, device=device)
+
+
+def _check_bare_clip(uri: str) -> None:
+    """A folder without a spec must be a Hugging Face CLIP-family checkpoint."""
+    if not storage.exists(storage.join(uri, "config.json")):
+        raise MintError(f"{uri}: no teacher here (neither {SPEC_FILE} nor a Hugging Face "
+                        "config.json); train one with `mint-ray teacher train` or fix the URI")
+    config = json.loads(storage.read_bytes(storage.join(uri, "config.json")))
+    if config.get("model_type") not in HF_CLIP_TYPES:
+        raise MintError(f"{uri}: model_type {config.get('model_type')!r} is not a CLIP-family "
+                        f"model ({', '.join(HF_CLIP_TYPES)}); only those load without {SPEC_FILE}")
+
+
+def load_preprocessor(uri: str) -> Preprocessor:
+    """The CPU side of the teacher at ``uri`` (what its ``prepare`` does), from its spec and
+    processor files alone: the weights are neither fetched nor loaded, so CPU-only workers
+    can prepare a batch that a GPU actor then scores. A teacher re-targeted to other labels
+    prepares the same inputs (labels only change the model side's prompts)."""
+    spec = read_spec(uri)
+    if spec is None:
+        _check_bare_clip(uri)
+    with _files_but_weights(uri) as directory:
+        return PREPROCESSORS[spec.kind if spec else "clip"].from_pretrained(directory, spec)
+
+
+@contextlib.contextmanager
+def _files_but_weights(uri: str) -> Iterator[Path]:
+    """A local folder with the teacher's files but its weights: a local teacher in place,
+    a remote one's small files fetched into a temporary folder."""
+    if not storage.is_s3(uri):
+        yield model_folders.local_copy(uri)
+        return
+    prefix = uri.rstrip("/") + "/"
+    with tempfile.TemporaryDirectory(prefix="mint-teacher-inputs-") as tmp:
+        for file_uri in storage.list_files(uri):
+            name = file_uri[len(prefix):]
+            if not name.endswith(WEIGHT_SUFFIXES):
+                target = Path(tmp) / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(storage.read_bytes(file_uri))
+        yield Path(tmp)

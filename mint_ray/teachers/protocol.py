@@ -4,16 +4,23 @@ A teacher is a directory (local or ``s3://``) in Hugging Face style: weights in
 safetensors, tokenizer/processor files, and ``mint_teacher.json`` (a
 :class:`TeacherSpec`) naming its kind, name, version (a content hash of the
 weights), task and labels. Kinds implement :class:`Teacher` and import only
-this module; :mod:`mint_ray.teachers.loader` finds a kind by its name, so no
-kind module imports the loader and the loader imports kinds only on use.
+this module and :mod:`mint_ray.teachers.inputs` (their CPU side);
+:mod:`mint_ray.teachers.loader` finds a kind by its name, so no kind module
+imports the loader and the loader imports kinds only on use.
 Images are decoded by the caller (:mod:`mint_ray.images`).
+
+Scoring is two steps, so they can run apart: ``prepare(cases)`` (a
+:class:`Preprocessor`: tokenising, resizing, normalising, on CPU, no weights)
+makes fixed-size arrays, and ``score_prepared(arrays)`` runs only the model.
+``score(cases)`` is the two in turn.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -34,11 +41,30 @@ class Case:
 
 
 @runtime_checkable
+class Preprocessor(Protocol):
+    """A teacher kind's CPU side: cases -> the fixed-size arrays its model takes.
+
+    No weights and no model. Every array has one row per case, and the same row
+    shape and dtype on every call (an empty call included), so prepared rows can
+    be stored, sliced and batched as fixed-shape tensors. A case it cannot take
+    raises (the caller then tries the cases one by one).
+    """
+
+    kind: str
+
+    def prepare(self, cases: Sequence[Case]) -> dict[str, np.ndarray]:
+        ...
+
+
+@runtime_checkable
 class Teacher(Protocol):
     """Scores every label of a task; higher means more likely.
 
     ``requires`` names the inputs a case must carry ("note", "image"); the
     caller quarantines cases without them instead of calling ``score``.
+    ``prepare`` is the kind's :class:`Preprocessor` (the same one
+    :func:`mint_ray.teachers.loader.load_preprocessor` builds without weights);
+    ``score(cases)`` equals ``score_prepared(prepare(cases))``.
     """
 
     kind: str
@@ -47,6 +73,15 @@ class Teacher(Protocol):
     task: str
     labels: tuple[str, ...]
     requires: tuple[str, ...]
+
+    def prepare(self, cases: Sequence[Case]) -> dict[str, np.ndarray]:
+        """The CPU step: arrays with one row per case."""
+        ...
+
+    def score_prepared(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The model alone, on ``prepare``'s arrays (any rows of them, in one batch):
+        a float32 array ``[rows, len(labels)]``."""
+        ...
 
     def score(self, cases: Sequence[Case]) -> np.ndarray:
         """A float32 array ``[len(cases), len(labels)]``."""
@@ -116,6 +151,17 @@ def score_all(teacher: Teacher, cases: Sequence[Case], batch_size: int = 64) -> 
                           len(cases[i:i + batch_size]), len(teacher.labels))
              for i in range(0, len(cases), batch_size)]
     return np.concatenate(parts) if parts else np.zeros((0, len(teacher.labels)), np.float32)
+
+
+def as_tensor(array: np.ndarray) -> Any:
+    """A torch tensor over ``array``'s memory (no copy). Prepared arrays may be read-only
+    views into Arrow buffers; a model only reads its inputs, so torch's warning about
+    that is silenced."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 def resolve_device(device: str) -> str:
