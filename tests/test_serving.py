@@ -10,7 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import pytest
 
 from mint_ray.serving.config import ServeConfig
 from mint_ray.serving.loading import parse_model_uri
-from mint_ray.tasks import TISSUE_TYPES
+from mint_ray.tasks import RARE_DISEASE, TISSUE_TYPES
 from tests.conftest import free_port
 from tests.serving_inputs import SMALL, b64, bomb_header, png
 
@@ -32,6 +32,20 @@ def test_model_uris() -> None:
     ref = parse_model_uri("models:/m/3")
     assert (ref.name, ref.version, ref.alias) == ("m", "3", None)
     assert parse_model_uri("s3://b/students/x/model/").name == "model"
+
+
+def test_a_loaded_model_is_prompted_as_its_metadata_records(tmp_path: Path) -> None:
+    from mint_ray.model_folders import read_metadata, write_metadata
+    from mint_ray.serving.inputs import prompt_for
+    from mint_ray.serving.loading import load_model
+    from tests.tinymodels import make_student_dir
+
+    model_dir = make_student_dir(tmp_path / "student", "rare_disease")
+    custom = replace(RARE_DISEASE, system_prompt="You are a careful geneticist.",
+                     instruction="Name {n} diagnoses after {header}")
+    write_metadata(model_dir, {**read_metadata(model_dir), "prompt": custom.prompt_record(n_answers=4)})
+    model = load_model(ServeConfig(model_uri=str(model_dir)), parse_model_uri(str(model_dir)), None)
+    assert prompt_for(model.task, "a note", 2) == custom.prompt_messages(note="a note", n_answers=4)
 
 
 @dataclass

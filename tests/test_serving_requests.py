@@ -3,6 +3,7 @@ bodies, the task and its prompt, OpenAI chat messages, and label ids."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from mint_ray.serving.inputs import (
     prompt_for,
 )
 from mint_ray.serving.labels import LabelIds, label_catalog, ranked_labels
+from mint_ray.serving.loading import served_task
 from mint_ray.serving.schemas import ChatRequest, PredictRequest, RequestError
 from mint_ray.tasks import RARE_DISEASE, TISSUE_TYPE, TISSUE_TYPES
 from tests.serving_inputs import SMALL, b64, bomb_header, png
@@ -81,6 +83,21 @@ def test_task_checks_and_prompt() -> None:
     assert prompt_for(RARE_DISEASE, "a note", 3) == RARE_DISEASE.prompt_messages(note="a note", n_answers=10)
     assert prompt_for(TISSUE_TYPE, None, 7) == TISSUE_TYPE.prompt_messages(candidates=list(TISSUE_TYPES),
                                                                             n_answers=7)
+
+
+def test_prompt_is_worded_as_the_model_records() -> None:
+    custom = replace(RARE_DISEASE, system_prompt="You are a careful geneticist.",
+                     instruction="Name {n} diagnoses after {header}")
+    task = served_task({"task": "rare_disease", "prompt": custom.prompt_record(n_answers=5)})
+    messages = prompt_for(task, "a note", 3)
+    assert messages == custom.prompt_messages(note="a note", n_answers=5)
+    assert messages[0]["content"] == "You are a careful geneticist."
+    assert "Name 5 diagnoses after" in messages[1]["content"]
+    assert "Name 7 diagnoses after" in prompt_for(task, "a note", 7)[1]["content"]
+    # A model trained before the record existed is prompted with the task's defaults.
+    assert served_task({"task": "rare_disease"}) == RARE_DISEASE
+    tissue = served_task({"task": "tissue_type", "prompt": TISSUE_TYPE.prompt_record(3, ["Colon", "Liver"])})
+    assert prompt_for(tissue, None, 2) == TISSUE_TYPE.prompt_messages(candidates=["Colon", "Liver"], n_answers=3)
 
 
 def test_chat_inputs() -> None:

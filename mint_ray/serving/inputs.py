@@ -113,9 +113,10 @@ def check_task(name: str, served: Task) -> Task:
 
 
 def prompt_for(task: Task, note: str | None, top_k: int) -> list[dict[str, Any]]:
-    """The student's prompt (the same as the preference data's): the note for text tasks,
-    the candidate labels for image tasks. A smaller ``top_k`` than the trained count
-    asks for the trained count and keeps the first ``top_k``."""
+    """The student's prompt (the same as its preference data's): ``task`` is the served
+    model's task worded as its metadata records (``loading.served_task``); the note for
+    text tasks, the candidate labels for image tasks. A smaller ``top_k`` than the
+    trained count asks for the trained count and keeps the first ``top_k``."""
     n = max(top_k, task.n_answers)
     if task.modality == "text":
         return task.prompt_messages(note=note, n_answers=n)

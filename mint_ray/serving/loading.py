@@ -26,8 +26,8 @@ class ModelRef:
 
     uri: str
     name: str
-    alias: str | None = None
-    version: str | None = None
+    alias: str | None
+    version: str | None
 
     @property
     def registered(self) -> bool:
@@ -39,7 +39,7 @@ def parse_model_uri(uri: str) -> ModelRef:
     if parsed is not None:
         name, version, alias = parsed
         return ModelRef(uri, name, alias=alias, version=version)
-    return ModelRef(uri, uri.rstrip("/").rsplit("/", 1)[-1])
+    return ModelRef(uri, uri.rstrip("/").rsplit("/", 1)[-1], alias=None, version=None)
 
 
 def alias_version(ref: ModelRef) -> str:
@@ -54,6 +54,13 @@ def pinned_version(ref: ModelRef) -> str | None:
     return ref.version
 
 
+def served_task(metadata: dict[str, Any]) -> Task:
+    """The model's task worded as its training recorded it (``mint_model.json``'s ``prompt``:
+    the preference stage's system prompt, instruction, answer count and candidates), so a
+    served model is asked as it was taught; a model without the record gets the defaults."""
+    return get_task(metadata["task"]).with_prompt_record(metadata.get("prompt"))
+
+
 @dataclass
 class LoadedModel:
     """A loaded student and where it came from; replaced whole on an alias move."""
@@ -61,7 +68,7 @@ class LoadedModel:
     generator: Any  # mint_ray.generation.Generator
     ref: ModelRef
     version: str | None
-    task: Task
+    task: Task  # worded as the model's metadata records (served_task)
     metadata: dict[str, Any]
     ids: LabelIds
     loaded_at: float = field(default_factory=time.time)
@@ -100,6 +107,6 @@ def load_model(cfg: ServeConfig, ref: ModelRef, version: str | None) -> LoadedMo
     if cfg.task and generator.task != cfg.task:
         raise MintError(f"{uri} is a {generator.task} model but the application is configured for "
                         f"task {cfg.task!r}: fix model_uri or task")
-    task = get_task(generator.task)
+    task = served_task(generator.metadata)
     ids = LabelIds(label_catalog(task, generator.metadata, cfg.label_catalog_uri))
     return LoadedModel(generator, ref, version, task, generator.metadata, ids)
