@@ -60,6 +60,7 @@ class Served:
     vision_uri: str
     tmp: Path
     logs_dir: Path
+    cache: Path  # the replicas' MINT_RAY_CACHE
 
 
 def register(tracking_uri: str, model_dir: Path, name: str, alias: str | None = "champion") -> str:
@@ -92,7 +93,10 @@ def served(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     register(mlflow_server, make_student_dir(tmp / "vision1", "tissue_type"), vision_name)
     if ray.is_initialized():
         ray.shutdown()
-    os.environ[KEY_ENV] = KEY  # before ray.init: replicas inherit the raylet's environment
+    # Before ray.init: replicas inherit the raylet's environment.
+    os.environ[KEY_ENV] = KEY
+    cache, cache_before = tmp / "node-cache", os.environ.get("MINT_RAY_CACHE")
+    os.environ["MINT_RAY_CACHE"] = str(cache)
     ray.init(address="local", num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -109,13 +113,18 @@ def served(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     text = httpx.Client(base_url=f"{base}/text", timeout=120, headers={"Authorization": f"Bearer {KEY}"})
     vision = httpx.Client(base_url=f"{base}/vision", timeout=120)
     try:
-        yield Served(base, text, vision, mlflow_server, text_name, vision_name, text_uri, vision_uri, tmp, logs)
+        yield Served(base, text, vision, mlflow_server, text_name, vision_name, text_uri, vision_uri, tmp, logs,
+                     cache)
     finally:
         text.close()
         vision.close()
         serve.shutdown()
         ray.shutdown()
         os.environ.pop(KEY_ENV, None)
+        if cache_before is None:
+            os.environ.pop("MINT_RAY_CACHE", None)
+        else:
+            os.environ["MINT_RAY_CACHE"] = cache_before
 
 
 NOTE = "Tall stature, arachnodactyly and ectopia lentis since childhood."
@@ -140,6 +149,17 @@ def test_health_ready_and_models(served: Served) -> None:
         assert model["source"] == f"models:/{name}/1"
     assert served.vision.get("/v1/models").json()["data"][0]["label_ids"] == len(TISSUE_TYPES)
     assert "/v1/predict" in served.vision.get("/openapi.json").json()["paths"]
+
+
+@pytest.mark.mlflow_server
+def test_served_models_are_in_the_node_cache(served: Served) -> None:
+    """Each served version is fetched once into the node-local model cache, complete
+    (renamed into place), with nothing left half-written beside it."""
+    from mint_ray.model_folders import METADATA_FILE, read_metadata
+
+    registry = served.cache / "registry"
+    assert {read_metadata(p.parent)["task"] for p in registry.rglob(METADATA_FILE)} == {"rare_disease", "tissue_type"}
+    assert not [p for p in registry.iterdir() if p.name.startswith(".tmp-")]
 
 
 @pytest.mark.mlflow_server
