@@ -200,8 +200,9 @@ def _recompute_backward(ctx: Any, grad_out: Tensor
         cast: dict[torch.dtype, Tensor] = {}
         for i, (x, w) in enumerate(zip(xs, ws, strict=True)):
             if grads_x[i] is not None:
-                low = cast.setdefault(w.dtype, grad_logits.to(w.dtype))
-                grads_x[i][start:end] = (low @ w).to(x.dtype)
+                if w.dtype not in cast:  # one low-precision copy per chunk, shared by the terms
+                    cast[w.dtype] = grad_logits.to(w.dtype)
+                grads_x[i][start:end] = (cast[w.dtype] @ w).to(x.dtype)
             if acc_w[i] is not None:
                 acc_w[i].addmm_(grad_logits.T, x[start:end].float())
         if acc_b is not None:
