@@ -25,13 +25,14 @@ from mint_ray import storage
 from mint_ray.config import build_config
 from mint_ray.data import synth
 from mint_ray.errors import ConfigError, StorageError
+from mint_ray.images import ImageLimits, decode_rgb, resize
 from mint_ray.preferences import operators, schemas, validate
 from mint_ray.preferences.config import Config
 from mint_ray.preferences.operators import TeacherScorer
 from mint_ray.preferences.plan import catalog_names
 from mint_ray.preferences.run import ray_config, run
 from mint_ray.tasks import RARE_DISEASE, TISSUE_TYPE, TISSUE_TYPES
-from mint_ray.teachers import Case, save_teacher_dir
+from mint_ray.teachers import Case, load_teacher, save_teacher_dir
 from mint_ray.teachers.clip import ClipSettings, build_tiny_clip
 from mint_ray.teachers.fusion import FusionSettings, FusionTeacher
 from mint_ray.tokenizer import train_tokenizer
@@ -192,6 +193,22 @@ def test_pair_text_is_the_papers_format_and_parses_back(rare: dict[str, Any],
         assert row["margin"] > 0 and not row["truth_forced"] and row["pair_index"] == 0
 
 
+def test_pair_scores_are_what_the_teacher_scores_alone(rare: dict[str, Any], planted_run: dict[str, Any]) -> None:
+    """The CPU tasks prepared each row's inputs and the actors ran only the model: every
+    row got the scores the teacher gives its case directly (up to the batch's padding)."""
+    teacher = load_teacher(rare["teacher"], device="cpu")
+    def case(row: dict[str, Any]) -> Case:
+        uri = row["image_uri"]
+        return Case(note=row["note"], image=decode_rgb(storage.read_bytes(uri), ImageLimits()) if uri else None)
+
+    cases = {r["sample_id"]: case(r) for r in rare["good"].to_pylist()}
+    rows = storage.read_dataset(planted_run["out"]).to_pylist()
+    direct = teacher.score([cases[r["sample_id"]] for r in rows])
+    for row, expected in zip(rows, direct, strict=True):
+        got = dict(zip(row["teacher_ranking"], row["teacher_scores"], strict=True))
+        np.testing.assert_allclose([got[label] for label in teacher.labels], expected, rtol=1e-5, atol=1e-6)
+
+
 def test_run_is_published_and_tracked_with_lineage(rare: dict[str, Any], planted_run: dict[str, Any]) -> None:
     import mlflow
 
@@ -289,15 +306,25 @@ def test_tissue_pairs_load_as_a_trl_preference_dataset(tmp_path: Path) -> None:
 class _FlakyTeacher:
     labels = ("a", "b", "c")
 
-    def score(self, cases: list[Case]) -> np.ndarray:
-        if any(c.note == "boom" for c in cases):
+    def score_prepared(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        if "boom" in inputs["note"]:
             raise ValueError("cannot score this one")
-        return np.array([[np.nan, 0, 0] if c.note == "nan" else [3, 2, 1] for c in cases], np.float32)
+        return np.array([[np.nan, 0, 0] if note == "nan" else [3, 2, 1] for note in inputs["note"]], np.float32)
+
+
+class _Thumbnails:
+    """A teacher's CPU side for the test: every image as a 26x26 thumbnail (2028 bytes)."""
+
+    kind = "test"
+
+    def prepare(self, cases: list[Case]) -> dict[str, np.ndarray]:
+        return {"image": np.stack([resize(c.image, 26) for c in cases]) if cases  # type: ignore[arg-type]
+                else np.zeros((0, 26, 26, 3), np.uint8)}
 
 
 def test_decoded_blocks_hold_whole_batches_and_about_block_bytes(tmp_path: Path) -> None:
-    """Large images make blocks of fewer rows (never over-filling the object store), in
-    whole teacher batches; every row comes out once, in order, with its own pixels."""
+    """Large inputs make blocks of fewer rows (never over-filling the object store), in
+    whole teacher batches; every row comes out once, in order, with its own inputs."""
     rng = np.random.default_rng(0)
     pictures, rows = [], []
     for i in range(10):
@@ -310,16 +337,15 @@ def test_decoded_blocks_hold_whole_batches_and_about_block_bytes(tmp_path: Path)
                      "label": TISSUE_TYPES[0], "type_error": None, "duplicate": False})
     rules = validate.Rules(task="tissue_type", labels=frozenset(TISSUE_TYPES), splits=frozenset(["train"]),
                            needs_note=False, needs_image=True, max_image_bytes=10**6, max_image_pixels=10**6)
-    blocks = list(operators.prepare(pa.Table.from_pylist(rows), rules, io_threads=4, batch_rows=2,
-                                    block_bytes=5000))
-    # Rows of 1800-2610 bytes: two batches of 2 pass 5000 bytes; the last batch alone does.
+    blocks = list(operators.prepare(pa.Table.from_pylist(rows), rules, _Thumbnails(), io_threads=4,
+                                    batch_rows=2, block_bytes=5000))
+    # Rows of 2028 bytes: two batches of 2 pass 5000 bytes; the last batch alone does.
     assert [b.num_rows for b in blocks] == [4, 4, 2]
     table = pa.concat_tables(blocks)
     assert table.column("sample_id").to_pylist() == [f"s{i}" for i in range(10)]
-    images = schemas.image_views(table.column("pixels"), table.column("height").to_pylist(),
-                                 table.column("width").to_pylist())
-    assert images[3] is None and table.column("reason")[3].as_py() == "missing_image"
-    assert all(np.array_equal(images[i], pictures[i]) for i in range(10) if i != 3)
+    images = schemas.input_arrays(table)["image"]
+    assert table.column("reason")[3].as_py() == "missing_image" and not images[3].any()
+    assert all(np.array_equal(images[i], resize(pictures[i], 26)) for i in range(10) if i != 3)
 
 
 def test_the_teacher_pool_gets_blocks_of_about_block_bytes(tmp_path: Path) -> None:
@@ -331,8 +357,9 @@ def test_the_teacher_pool_gets_blocks_of_about_block_bytes(tmp_path: Path) -> No
     root = str(tmp_path)
     cohort = _synth(root, "tissue_type", 24)
     teacher = _teacher(root, "tissue_type", list(TISSUE_TYPES), [])
-    # 32x32 RGB = 3072 bytes a row: batches of 4 rows, so 2 batches pass 20 000 bytes.
-    s = run(_cfg(task="tissue_type", cohort_uri=cohort, block_rows=24, block_bytes=20_000, rows_per_file=1,
+    # The CLIP teacher's pixel values, 3x32x32 float32 = 12 288 bytes a row: batches of 4
+    # rows, so 2 batches pass 80 000 bytes.
+    s = run(_cfg(task="tissue_type", cohort_uri=cohort, block_rows=24, block_bytes=80_000, rows_per_file=1,
                  teacher={"uri": teacher, "batch_size": 4, "num_actors": 2}, storage={"root": root}))
     files = storage.read_manifest(s["output_uri"]).files
     sizes = sorted(pq.read_metadata(f).num_rows for f in files)
@@ -342,11 +369,11 @@ def test_the_teacher_pool_gets_blocks_of_about_block_bytes(tmp_path: Path) -> No
 def test_a_failing_row_costs_only_itself() -> None:
     scorer = TeacherScorer.__new__(TeacherScorer)
     scorer.teacher = _FlakyTeacher()  # type: ignore[assignment]
-    (ok, no_error), *failed = scorer._score([Case(note="ok"), Case(note="boom"), Case(note="nan")])
+    (ok, no_error), *failed = scorer._score({"note": np.array(["ok", "boom", "nan"])}, 3)
     assert ok.tolist() == [3.0, 2.0, 1.0] and no_error is None
     assert failed == [(None, "ValueError: cannot score this one"), (None, "non-finite scores")]
     with pytest.raises(ValueError, match="cannot score"):  # fails alone on every row: a broken teacher
-        scorer._score([Case(note="boom"), Case(note="boom")])
+        scorer._score({"note": np.array(["boom", "boom"])}, 2)
 
 
 def test_config_errors_name_the_fix(rare: dict[str, Any], tmp_path: Path) -> None:

@@ -14,7 +14,9 @@ from mint_ray.errors import ConfigError, MintError
 from mint_ray.preferences import accounting, operators, plan, schemas
 from mint_ray.preferences.config import Config
 from mint_ray.preferences.pairs import PairRule
+from mint_ray.preferences.validate import Verdict
 from mint_ray.tasks import RARE_DISEASE, TISSUE_TYPE
+from mint_ray.teachers.protocol import Case
 
 
 def _cfg(**values: object) -> Config:
@@ -41,28 +43,38 @@ def test_coerce_chunk_turns_wrong_types_into_marked_nulls() -> None:
     assert errors == ["label: int64", None, "label: int64"]
 
 
-def test_pixel_column_round_trips_as_views_into_one_buffer() -> None:
+def test_tensor_columns_round_trip_as_views() -> None:
     rng = np.random.default_rng(0)
-    images = [rng.integers(0, 255, (h, 5, 3), dtype=np.uint8) for h in (2, 3, 4)]
-    column = schemas.pixel_column([images[0], None, images[1], images[2]])
-    assert column.null_count == 1 and column.nbytes >= sum(im.nbytes for im in images)
-    heights, widths = [2, None, 3, 4], [5, None, 5, 5]
-    views = schemas.image_views(column, heights, widths)
-    assert views[1] is None
-    assert all(np.array_equal(v, im) for v, im in zip([views[0], *views[2:]], images, strict=True))
-    data = np.frombuffer(column.buffers()[2], np.uint8)
-    assert all(np.shares_memory(v, data) for v in views if v is not None)  # no copy
-    # A slice (an offset into the buffers) and a chunked column give the same views.
-    sliced = schemas.image_views(column.slice(2), heights[2:], widths[2:])
-    assert all(np.array_equal(v, im) for v, im in zip(sliced, images[1:], strict=True))
-    chunked = schemas.image_views(pa.chunked_array([column.slice(0, 2), column.slice(2)]), heights, widths)
-    assert [v is None for v in chunked] == [False, True, False, False]
-    assert np.array_equal(chunked[3], images[2])
+    pixels = rng.random((4, 3, 2, 2), dtype=np.float32)
+    column = schemas.tensor_column(pixels)
+    assert column.type == pa.fixed_shape_tensor(pa.float32(), [3, 2, 2]) and column.nbytes == pixels.nbytes
+    back = schemas.column_array(pa.chunked_array([column]))
+    assert np.array_equal(back, pixels) and np.shares_memory(back, pixels)  # no copy either way
+    assert np.array_equal(schemas.column_array(column.slice(1, 2)), pixels[1:3])
+    joined = schemas.column_array(pa.chunked_array([column.slice(0, 1), column.slice(1)]))
+    assert np.array_equal(joined, pixels)
+    flags = schemas.column_array(schemas.tensor_column(np.array([True, False])))
+    assert flags.dtype == np.bool_ and flags.tolist() == [True, False]
+    empty = schemas.column_array(schemas.tensor_column(np.zeros((0, 5), np.int32)))
+    assert (empty.shape, empty.dtype) == ((0, 5), np.int32)
+    with pytest.raises(TypeError, match="uint8"):
+        schemas.tensor_column(np.ones((2, 3), np.bool_))
 
 
-def test_pixel_column_without_images_is_all_nulls() -> None:
-    column = schemas.pixel_column([None, None])
-    assert column.null_count == 2 and schemas.image_views(column, [None, None], [None, None]) == [None, None]
+def test_prepared_tables_carry_rows_verdicts_and_teacher_inputs() -> None:
+    rows = pa.table({"sample_id": ["a", "b"], "split": ["train"] * 2, "note": ["x", None],
+                     "image_uri": [None, "/i.png"], "label": [None, "A"], "other": [1, 2]})
+    inputs = {"input_ids": np.arange(8, dtype=np.int32).reshape(2, 4), "present": np.array([True, False]),
+              "pixels": np.ones((2, 3, 2, 2), np.float32)}
+    table = schemas.prepared_table(rows, [None, Verdict("missing_image", "no file")], inputs)
+    assert table.column_names == [*schemas.ROW_NAMES, *schemas.VERDICT_NAMES, "input.input_ids",
+                                  "input.present", "input.pixels"]
+    assert table.column("reason").to_pylist() == [None, "missing_image"]
+    assert table.column("stage").to_pylist() == [None, "validate"]
+    back = schemas.input_arrays(table)
+    assert back.keys() == inputs.keys() and all(np.array_equal(back[k], v) for k, v in inputs.items())
+    assert schemas.row_bytes(inputs) == 4 * 4 + 1 + 12 * 4
+    assert schemas.input_bytes(table) == 2 * (4 * 4 + 12 * 4) + 1  # the flags are bits: 1 byte
 
 
 def test_pair_schema_follows_the_task_modality() -> None:
@@ -210,3 +222,28 @@ def test_pair_rows_write_pairs_and_set_aside_rows_in_one_stream() -> None:
     assert (rows["bad"]["stage"], rows["bad"]["reason"], rows["bad"]["prompt"]) == ("validate", "empty_note", None)
     counts = accounting.part_counts(*accounting.split_union(out))
     assert (counts["pairs"], counts["quarantined"], counts["filtered"]) == (1, {"empty_note": 1}, {"low_margin": 1})
+
+
+# ---------------------------------------------------------------- the teacher's CPU step in the prepare tasks
+
+
+class _NoteLengths:
+    """A teacher's CPU side for the test: each note's length; a note "boom" cannot be prepared."""
+
+    kind = "test"
+
+    def prepare(self, cases: list[Case]) -> dict[str, np.ndarray]:
+        if any(c.note == "boom" for c in cases):
+            raise ValueError("cannot prepare this one")
+        return {"length": np.array([len(c.note or "") for c in cases], np.int32).reshape(-1, 1)}
+
+
+def test_teacher_inputs_fill_usable_rows_and_let_a_bad_case_cost_only_itself() -> None:
+    cases = [Case(note="abc"), Case(note="boom"), Case(note="hello")]
+    arrays, errors = operators.teacher_inputs(_NoteLengths(), cases, rows=[0, 2, 3], n=5)
+    assert arrays["length"].tolist() == [[3], [0], [0], [5], [0]]  # zeros: unusable rows and failures
+    assert errors == [None, "ValueError: cannot prepare this one", None]
+    with pytest.raises(ValueError, match="cannot prepare"):  # every case fails alone: a broken step
+        operators.teacher_inputs(_NoteLengths(), [Case(note="boom")] * 2, rows=[0, 1], n=2)
+    arrays, errors = operators.teacher_inputs(_NoteLengths(), [], rows=[], n=2)
+    assert arrays["length"].shape == (2, 1) and errors == []

@@ -76,12 +76,13 @@ class Config(StrictModel):
     pairs: PairsConfig = PairsConfig()
     prompt: PromptConfig = PromptConfig()
     limits: InputLimitsConfig = InputLimitsConfig()
-    decode_num_cpus: float = Field(0.5, gt=0, description="logical CPUs per fetch/decode task")
+    decode_num_cpus: float = Field(0.5, gt=0, description="logical CPUs per fetch/decode/prepare task")
     io_threads: int = Field(16, ge=1, description="image fetches in flight per decode task")
     block_rows: int = Field(1024, ge=1, description="cohort rows per read block (one decode task)")
     block_bytes: int = Field(16 * 2**20, gt=0, description=(
-        "decoded pixels per block sent to the teacher, and Ray Data's block size target for the "
-        "run: blocks of large images hold fewer rows, so the actors share the work evenly"))
+        "teacher inputs (prepared on CPU) per block sent to the teacher, and Ray Data's block size "
+        "target for the run (at least one teacher batch): blocks of large inputs hold fewer rows, "
+        "so the actors share the work evenly"))
     rows_per_file: int = Field(10_000, ge=1)
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()

@@ -6,17 +6,22 @@
                 schemas never fail the run. One reader sees every ``sample_id``, so it
                 also marks repeats (``duplicate_id``).
 2. ``prepare``  CPU tasks check each row (``validate.check_row``), fetch its image
-                (``io_threads`` threads: S3 GETs are latency-bound) and decode it
-                (``validate.decode_checked``) into raw RGB bytes for the teacher.
+                (``io_threads`` threads: S3 GETs are latency-bound), decode it
+                (``validate.decode_checked``) and run the teacher's CPU step on the
+                usable rows (its :class:`~mint_ray.teachers.protocol.Preprocessor`,
+                loaded without weights: tokenising, resizing, normalising) into
+                fixed-size arrays, carried as tensor columns.
 3. ``score``    the teacher in an actor pool (``ActorPoolStrategy(size=num_actors)``,
-                ``num_gpus_per_actor`` each; CPU threads when none) scores every label.
+                ``num_gpus_per_actor`` each; CPU threads when none) runs only the
+                model (``score_prepared``) and scores every label.
 4. ``pairs``    CPU tasks rank, cut pairs (``pairs.build_pairs``) and write the texts
                 with the task's own ``prompt_messages`` / ``answer_message``.
 5. ``write``    :class:`~mint_ray.preferences.sink.PreferenceSink` writes pair rows and
                 set-aside rows into two version folders and sends counts back to the driver.
 
 Plain functions and one actor class: :mod:`mint_ray.preferences.run` wires them into a
-dataset; none of them imports Ray.
+dataset; none of them imports Ray. Teachers are reached through the loader and the
+protocol only, never a kind's module.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -37,13 +42,19 @@ from mint_ray.preferences import validate
 from mint_ray.preferences.pairs import build_pairs, rank
 from mint_ray.preferences.plan import PairPlan, TeacherInfo
 from mint_ray.preferences.schemas import (
-    PREPARED_SCHEMA,
+    ROW_NAMES,
     SCORED_SCHEMA,
     TEXT,
+    VERDICT_NAMES,
     coerce_chunk,
-    image_views,
-    pixel_column,
+    input_arrays,
+    input_bytes,
+    prepared_table,
 )
+from mint_ray.teachers.protocol import Case, Preprocessor
+
+# One row's outcome of a batch step: (its result, None) or (None, why it failed alone).
+Outcome = tuple[Any, str | None]
 
 # ---------------------------------------------------------------- 1. read
 
@@ -90,7 +101,50 @@ def _io_pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mint-fetch")
 
 
-def _prepare_rows(batch: pa.Table, rules: validate.Rules, io_threads: int) -> pa.Table:
+def batch_or_each_alone(step: Callable[[list[int]], list[Outcome]], n: int) -> list[Outcome]:
+    """``step`` on rows ``0..n-1`` at once, or where that raises, on each row alone, so one
+    bad row costs only itself. If every row fails alone too, the step is broken, not the
+    rows: the batch's error is raised."""
+    if not n:
+        return []
+    try:
+        return step(list(range(n)))
+    except Exception as batch_error:
+        results: list[Outcome] = []
+        for i in range(n):
+            try:
+                results.extend(step([i]))
+            except Exception as err:
+                results.append((None, f"{type(err).__name__}: {str(err)[:200]}"))
+        if all(error for _, error in results):
+            raise batch_error
+        return results
+
+
+def _rows_of(arrays: Mapping[str, np.ndarray], n: int) -> list[Outcome]:
+    """Prepared arrays -> one outcome per row (that row of every array)."""
+    if any(len(array) != n for array in arrays.values()):
+        raise ValueError(f"the teacher prepared {[len(a) for a in arrays.values()]} rows for {n} cases")
+    return [({name: array[i] for name, array in arrays.items()}, None) for i in range(n)]
+
+
+def teacher_inputs(inputs: Preprocessor, cases: list[Case], rows: list[int],
+                   n: int) -> tuple[dict[str, np.ndarray], list[str | None]]:
+    """The teacher's CPU step for ``cases`` (rows ``rows`` of a batch of ``n``): arrays of
+    ``n`` rows (zeros where a row is unusable or its case failed) and each case's error."""
+    out = {name: np.zeros((n, *array.shape[1:]), array.dtype) for name, array in inputs.prepare([]).items()}
+    outcomes = batch_or_each_alone(lambda idx: _rows_of(inputs.prepare([cases[j] for j in idx]), len(idx)),
+                                   len(cases))
+    errors: list[str | None] = []
+    for i, (row, error) in zip(rows, outcomes, strict=True):
+        if row is not None:
+            for name, value in row.items():
+                out[name][i] = value
+        errors.append(error)
+    return out, errors
+
+
+def _prepare_rows(batch: pa.Table, rules: validate.Rules, inputs: Preprocessor, io_threads: int) -> pa.Table:
     rows = batch.to_pylist()
     verdicts: list[validate.Verdict | None] = [validate.check_row(row, rules) for row in rows]
     wanted = [i for i, (row, v) in enumerate(zip(rows, verdicts, strict=True))
@@ -107,27 +161,27 @@ def _prepare_rows(batch: pa.Table, rules: validate.Rules, io_threads: int) -> pa
     fetched = [result for part in _io_pool(io_threads).map(fetch_slice, slices) for result in part]
     for i, (data, verdict) in zip(wanted, fetched, strict=True):
         images[i], verdicts[i] = validate.decode_checked(data, rules) if data is not None else (None, verdict)
-    return pa.table({
-        **{name: batch.column(name) for name in ("sample_id", "split", "note", "image_uri", "label")},
-        "pixels": pixel_column(images),
-        "height": pa.array([None if im is None else im.shape[0] for im in images], pa.int32()),
-        "width": pa.array([None if im is None else im.shape[1] for im in images], pa.int32()),
-        **{name: pa.array([getattr(v, name) if v else None for v in verdicts], TEXT)
-           for name in ("stage", "reason", "detail")},
-    }, schema=PREPARED_SCHEMA)
+    usable = [i for i, v in enumerate(verdicts) if v is None]
+    cases = [Case(note=rows[i]["note"], image=images[i]) for i in usable]
+    arrays, errors = teacher_inputs(inputs, cases, usable, len(rows))
+    for i, error in zip(usable, errors, strict=True):
+        if error is not None:
+            verdicts[i] = validate.Verdict("teacher_error", f"prepare: {error}", stage="teacher")
+    return prepared_table(batch, verdicts, arrays)
 
 
-def prepare(batch: pa.Table, rules: validate.Rules, io_threads: int, batch_rows: int,
+def prepare(batch: pa.Table, rules: validate.Rules, inputs: Preprocessor, io_threads: int, batch_rows: int,
             block_bytes: int) -> Iterator[pa.Table]:
-    """Check rows, fetch and decode images (threads overlap the fetches), a teacher batch at a
-    time. Yields blocks of whole teacher batches that hold about ``block_bytes`` of pixels:
-    large images make small blocks, so they never crowd the object store."""
+    """Check rows, fetch and decode images (threads overlap the fetches) and run the teacher's
+    CPU step, a teacher batch at a time; the decoded images are dropped once prepared.
+    Yields blocks of whole teacher batches that hold about ``block_bytes`` of prepared
+    inputs: large inputs make small blocks, so they never crowd the object store."""
     pending: list[pa.Table] = []
     size = 0
     for start in range(0, batch.num_rows, batch_rows):
-        part = _prepare_rows(batch.slice(start, batch_rows), rules, io_threads)
+        part = _prepare_rows(batch.slice(start, batch_rows), rules, inputs, io_threads)
         pending.append(part)
-        size += part.column("pixels").nbytes
+        size += input_bytes(part)
         if size >= block_bytes:
             yield pa.concat_tables(pending)
             pending, size = [], 0
@@ -139,7 +193,8 @@ def prepare(batch: pa.Table, rules: validate.Rules, io_threads: int, batch_rows:
 
 
 class TeacherScorer:
-    """A Ray Data actor: loads the teacher once, scores the usable rows of each batch."""
+    """A Ray Data actor: loads the teacher once and runs its model on the prepared inputs
+    of each batch's usable rows (the CPU tasks prepared them)."""
 
     def __init__(self, info: TeacherInfo, device: str, threads: int | None) -> None:
         from mint_ray.teachers.loader import load_teacher
@@ -153,61 +208,55 @@ class TeacherScorer:
         if tuple(self.teacher.labels) != info.labels:
             raise MintError(f"teacher {info.uri} loaded with labels different from its spec: "
                             "re-save the teacher")
+        self.uri = info.uri
+        self.takes = _row_types(self.teacher.prepare([]))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from mint_ray.teachers.protocol import Case
-
         n, n_labels = batch.num_rows, len(self.teacher.labels)
         usable = np.flatnonzero(np.asarray(batch.column("reason").is_null()))
-        notes = batch.column("note").to_pylist()
-        images = image_views(batch.column("pixels"), batch.column("height").to_pylist(),
-                             batch.column("width").to_pylist())
-        cases = [Case(note=notes[i], image=images[i]) for i in usable]
+        inputs = input_arrays(batch)
+        if _row_types(inputs) != self.takes:
+            raise MintError(f"teacher {self.uri}: the CPU tasks prepared {_row_types(inputs)}, the loaded "
+                            f"teacher takes {self.takes}; its folder changed during the run: re-run")
+        if len(usable) < n:
+            inputs = {name: array[usable] for name, array in inputs.items()}
         values = np.zeros((n, n_labels), np.float32)
         scored = np.zeros(n, bool)
-        verdicts = {name: batch.column(name).to_pylist() for name in ("stage", "reason", "detail")}
-        for i, (row_scores, error) in zip(usable, self._score(cases), strict=True):
+        verdicts = {name: batch.column(name).to_pylist() for name in VERDICT_NAMES}
+        for i, (row_scores, error) in zip(usable, self._score(inputs, len(usable)), strict=True):
             if error is None:
                 values[i], scored[i] = row_scores, True
             else:
                 verdicts["stage"][i], verdicts["reason"][i], verdicts["detail"][i] = "teacher", "teacher_error", error
         scores = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), n_labels, mask=pa.array(~scored))
         return pa.table({
-            **{name: batch.column(name) for name in ("sample_id", "split", "note", "image_uri", "label")},
+            **{name: batch.column(name) for name in ROW_NAMES},
             **{name: pa.array(v, TEXT) for name, v in verdicts.items()},
             "scores": scores.cast(pa.list_(pa.float32())),
             "teacher_name": pa.repeat(self.teacher.name, n), "teacher_version": pa.repeat(self.teacher.version, n),
             "scored_at": pa.repeat(time.time(), n),
         }, schema=SCORED_SCHEMA)
 
-    def _score(self, cases: list[Any]) -> list[tuple[np.ndarray | None, str | None]]:
-        """Scores per case, or the error of a case that fails alone.
+    def _score(self, inputs: Mapping[str, np.ndarray], n: int) -> list[Outcome]:
+        """Scores per row of ``inputs``, or the error of a row that fails alone."""
+        def step(rows: list[int]) -> list[Outcome]:
+            batch = inputs if len(rows) == n else {name: array[rows] for name, array in inputs.items()}
+            return self._rows(self.teacher.score_prepared(batch), len(rows))
 
-        A failing batch is retried case by case so one bad row costs only itself; if
-        every case fails alone too, the teacher is broken and the error is raised.
-        """
-        if not cases:
-            return []
-        try:
-            return self._rows(self.teacher.score(cases), len(cases))
-        except Exception as batch_error:
-            results: list[tuple[np.ndarray | None, str | None]] = []
-            for case in cases:
-                try:
-                    results.extend(self._rows(self.teacher.score([case]), 1))
-                except Exception as err:
-                    results.append((None, f"{type(err).__name__}: {str(err)[:200]}"))
-            if all(error for _, error in results):
-                raise batch_error
-            return results
+        return batch_or_each_alone(step, n)
 
-    def _rows(self, scores: np.ndarray, n: int) -> list[tuple[np.ndarray | None, str | None]]:
+    def _rows(self, scores: np.ndarray, n: int) -> list[Outcome]:
         values = np.asarray(scores, dtype=np.float32)
         if values.shape != (n, len(self.teacher.labels)):
             raise ValueError(f"teacher returned scores of shape {values.shape}, "
                              f"expected {(n, len(self.teacher.labels))}")
         finite = np.isfinite(values).all(axis=1)
         return [(row, None) if ok else (None, "non-finite scores") for row, ok in zip(values, finite, strict=True)]
+
+
+def _row_types(inputs: Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Each prepared array's row shape and dtype: what a teacher's model takes."""
+    return {name: (tuple(array.shape[1:]), str(array.dtype)) for name, array in inputs.items()}
 
 
 # ---------------------------------------------------------------- 4. pairs

@@ -51,8 +51,10 @@ from mint_ray.preferences.plan import (
     pair_rule,
     validation_rules,
 )
-from mint_ray.preferences.schemas import INPUT_FIELDS, pair_schema, union_schema
+from mint_ray.preferences.schemas import INPUT_FIELDS, pair_schema, row_bytes, union_schema
 from mint_ray.preferences.sink import PreferenceSink
+from mint_ray.teachers.loader import load_preprocessor
+from mint_ray.teachers.protocol import Preprocessor
 
 if TYPE_CHECKING:
     from ray.data import Dataset
@@ -108,16 +110,24 @@ def check_cluster(cfg: Config) -> None:
                     "autoscaler adds GPU nodes", have.get("GPU", 0), gpus)
 
 
-def build_dataset(cfg: Config, rules: validate.Rules, teacher: TeacherInfo, plan: PairPlan) -> Dataset:
+def block_target(cfg: Config, inputs: Preprocessor) -> int:
+    """Ray Data's block size target for the run: ``block_bytes``, or one teacher batch of
+    prepared inputs where that is more (prepare yields whole batches; a bigger block would
+    be cut, then merged again for the actor)."""
+    return max(cfg.block_bytes, row_bytes(inputs.prepare([])) * cfg.teacher.batch_size)
+
+
+def build_dataset(cfg: Config, rules: validate.Rules, teacher: TeacherInfo, inputs: Preprocessor,
+                  plan: PairPlan) -> Dataset:
     import ray
 
     t = cfg.teacher
     threads = None if t.num_gpus_per_actor else max(1, int(t.num_cpus_per_actor))
     ds = ray.data.from_items([{"uri": cfg.cohort_uri}])
     # Ray Data merges a task's outputs up to its own target (128 MiB): blocks of large
-    # images would reach the pool as a few huge work units, one actor busy and the other
+    # inputs would reach the pool as a few huge work units, one actor busy and the other
     # idle, and crowd the object store. This dataset's context only, not the process's.
-    ds.context.target_max_block_size = cfg.block_bytes
+    ds.context.target_max_block_size = block_target(cfg, inputs)
     ds = ds.map_batches(read_cohort, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
                         fn_kwargs={"chunk_rows": cfg.block_rows})
     # Blocks of block_rows (Ray Data would otherwise merge the reader's chunks into one
@@ -125,8 +135,8 @@ def build_dataset(cfg: Config, rules: validate.Rules, teacher: TeacherInfo, plan
     ds = ds.repartition(target_num_rows_per_block=cfg.block_rows)
     ds = ds.map_batches(prepare, batch_size=cfg.block_rows, batch_format="pyarrow",
                         num_cpus=cfg.decode_num_cpus,
-                        fn_kwargs={"rules": rules, "io_threads": cfg.io_threads, "batch_rows": t.batch_size,
-                                   "block_bytes": cfg.block_bytes})
+                        fn_kwargs={"rules": rules, "inputs": inputs, "io_threads": cfg.io_threads,
+                                   "batch_rows": t.batch_size, "block_bytes": cfg.block_bytes})
     ds = ds.map_batches(TeacherScorer, batch_size=t.batch_size, batch_format="pyarrow",
                         compute=ActorPoolStrategy(size=t.num_actors),
                         num_cpus=t.num_cpus_per_actor, num_gpus=t.num_gpus_per_actor,
@@ -157,6 +167,8 @@ def run(cfg: Config) -> dict[str, Any]:
     teacher = describe_teacher(cfg, task, cohort.meta)
     rule = pair_rule(cfg, task, len(teacher.labels))
     rules = validation_rules(cfg, task, teacher)
+    # The teacher's CPU side, for the prepare tasks: spec and processor files, no weights.
+    inputs = load_preprocessor(teacher.uri)
     pairs = pair_schema(task)
     plan = PairPlan(task, teacher.labels, rule, pairs, union_schema(pairs))
     output_uri = cfg.output()
@@ -182,7 +194,8 @@ def run(cfg: Config) -> dict[str, Any]:
             log.info("preferences %s: %d rows from %s, teacher %s (%s) on %d actor(s)", task.name,
                      cohort.num_rows, cfg.cohort_uri, teacher.name, teacher.kind, cfg.teacher.num_actors)
             started = time.time()
-            build_dataset(cfg, rules, teacher, plan).write_datasink(sink, ray_remote_args={"num_cpus": PAIRS_CPUS})
+            dataset = build_dataset(cfg, rules, teacher, inputs, plan)
+            dataset.write_datasink(sink, ray_remote_args={"num_cpus": PAIRS_CPUS})
             totals = sink.totals
             rates = speed(cohort.num_rows, started, time.time(), totals, cfg.teacher.batch_size)
             identity = teacher_identity(teacher, totals)

@@ -1,20 +1,22 @@
 """Arrow schemas of the preference stage and the pure builders of its tables.
 
-The stream's tables, in operator order: ``READ_SCHEMA`` (coerced cohort rows),
-``PREPARED_SCHEMA`` (rows with their decoded pixels and verdicts), ``SCORED_SCHEMA``
-(rows with the teacher's scores), the union of pair rows and set-aside rows
-(:func:`union_schema`), and the two outputs: :func:`pair_schema` (TRL's
-conversational preference columns) and ``QUARANTINE_SCHEMA``. No Ray, no I/O.
+The stream's tables, in operator order: ``READ_SCHEMA`` (coerced cohort rows), a
+prepared table (:func:`prepared_table`: the rows, their verdicts and the teacher's
+prepared inputs as ``input.<name>`` tensor columns), ``SCORED_SCHEMA`` (rows with the
+teacher's scores), the union of pair rows and set-aside rows (:func:`union_schema`), and
+the two outputs: :func:`pair_schema` (TRL's conversational preference columns) and
+``QUARANTINE_SCHEMA``. No Ray, no I/O.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mint_ray.preferences.validate import Verdict
 from mint_ray.tasks import Task
 
 INPUT_FIELDS = ("sample_id", "task", "split", "note", "image_uri", "label")
@@ -23,8 +25,10 @@ READ_SCHEMA = pa.schema([*((name, TEXT) for name in INPUT_FIELDS),
                          ("type_error", TEXT), ("duplicate", pa.bool_())])
 VERDICT_FIELDS = [("stage", TEXT), ("reason", TEXT), ("detail", TEXT)]
 ROW_FIELDS = [("sample_id", TEXT), ("split", TEXT), ("note", TEXT), ("image_uri", TEXT), ("label", TEXT)]
-PREPARED_SCHEMA = pa.schema([*ROW_FIELDS, ("pixels", pa.large_binary()), ("height", pa.int32()),
-                             ("width", pa.int32()), *VERDICT_FIELDS])
+ROW_NAMES = tuple(name for name, _ in ROW_FIELDS)
+VERDICT_NAMES = tuple(name for name, _ in VERDICT_FIELDS)
+# A prepared table holds ROW_FIELDS, VERDICT_FIELDS and one column per prepared input array.
+INPUT_PREFIX = "input."
 SCORED_SCHEMA = pa.schema([*ROW_FIELDS, *VERDICT_FIELDS, ("scores", pa.list_(pa.float32())),
                            ("teacher_name", TEXT), ("teacher_version", TEXT), ("scored_at", pa.float64())])
 QUARANTINE_SCHEMA = pa.schema([("sample_id", TEXT), ("split", TEXT), ("label", TEXT),
@@ -94,30 +98,54 @@ def coerce_chunk(batch: pa.RecordBatch | pa.Table) -> tuple[pa.Table, list[str |
     return table, ["; ".join(e) if e else None for e in errors]
 
 
-def pixel_column(images: Sequence[np.ndarray | None]) -> pa.Array:
-    """Decoded images as one binary column, copied once into a single buffer (nulls where none)."""
-    present = [image is not None for image in images]
-    sizes = np.array([0 if image is None else image.nbytes for image in images], np.int64)
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    data = np.concatenate([image.reshape(-1) for image in images if image is not None]) if any(present) \
-        else np.zeros(0, np.uint8)
-    validity = pa.array(present, pa.bool_()).buffers()[1]
-    return pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(images),
-                                            [validity, pa.py_buffer(offsets), pa.py_buffer(data)],
-                                            null_count=present.count(False))
+def tensor_column(array: np.ndarray) -> pa.Array:
+    """An array's rows as one column, without copying a C-contiguous array: a fixed-shape
+    tensor column (Arrow's canonical extension type), or a plain one for one value a row."""
+    if array.ndim == 1:
+        return pa.array(array)
+    if array.dtype == np.bool_:
+        raise TypeError("Arrow tensors hold no booleans: prepare masks as uint8")
+    array = np.ascontiguousarray(array)
+    row = array.shape[1:]
+    values = pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1)), int(np.prod(row)))
+    return pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(pa.from_numpy_dtype(array.dtype), list(row)),
+                                          values)
 
 
-def image_views(column: pa.ChunkedArray | pa.Array, heights: list[int | None],
-                widths: list[int | None]) -> list[np.ndarray | None]:
-    """HxWx3 views into the pixel column's buffers (no copy)."""
-    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-    views: list[np.ndarray | None] = []
-    for chunk in chunks:
-        _, offsets_buf, data_buf = chunk.buffers()
-        offsets = np.frombuffer(offsets_buf, np.int64)[chunk.offset:chunk.offset + len(chunk) + 1]
-        data = np.frombuffer(data_buf, np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
-        valid = np.asarray(chunk.is_valid())
-        for j in range(len(chunk)):
-            i = len(views)
-            views.append(data[offsets[j]:offsets[j + 1]].reshape(heights[i], widths[i], 3) if valid[j] else None)
-    return views
+def column_array(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A :func:`tensor_column` back as one array: a read-only view of a single chunk's
+    buffer (several chunks are joined first)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    if isinstance(column.type, pa.FixedShapeTensorType):
+        return column.to_numpy_ndarray()
+    return column.to_numpy(zero_copy_only=False)
+
+
+def prepared_table(rows: pa.Table, verdicts: Sequence[Verdict | None], inputs: Mapping[str, np.ndarray]) -> pa.Table:
+    """A teacher batch after the CPU stage: the row fields, each row's verdict (None: usable)
+    and the teacher's prepared arrays (one row per table row) as ``input.<name>`` columns."""
+    return pa.table({
+        **{name: rows.column(name) for name in ROW_NAMES},
+        **{name: pa.array([getattr(v, name) if v else None for v in verdicts], TEXT) for name in VERDICT_NAMES},
+        **{INPUT_PREFIX + name: tensor_column(array) for name, array in inputs.items()},
+    })
+
+
+def input_names(table: pa.Table) -> list[str]:
+    return [name for name in table.column_names if name.startswith(INPUT_PREFIX)]
+
+
+def input_arrays(table: pa.Table) -> dict[str, np.ndarray]:
+    """The teacher's prepared arrays from a prepared table (views where one chunk)."""
+    return {name[len(INPUT_PREFIX):]: column_array(table.column(name)) for name in input_names(table)}
+
+
+def input_bytes(table: pa.Table) -> int:
+    """Bytes of the prepared inputs in a table (what ``block_bytes`` bounds)."""
+    return sum(table.column(name).nbytes for name in input_names(table))
+
+
+def row_bytes(inputs: Mapping[str, np.ndarray]) -> int:
+    """Bytes of one row of prepared arrays (from any call's arrays, an empty one included)."""
+    return sum(int(np.prod(array.shape[1:])) * array.dtype.itemsize for array in inputs.values())
