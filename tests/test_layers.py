@@ -2,7 +2,7 @@
 
 Read from the source with ``ast`` (nothing is imported), counting imports inside
 functions too: a lazy import is still a dependency, and a lazy circle is still a
-circle.
+circle. Imports under ``if TYPE_CHECKING:`` (annotations only) do not count.
 
 - The math (losses, metrics, tasks with their parsers, pairing, row checks)
   imports no Ray, DeepSpeed, MLflow, boto3 and no storage or filesystem code.
@@ -47,9 +47,20 @@ def module_name(path: Path) -> str:
 MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 
+def _type_checking_only(tree: ast.AST) -> set[int]:
+    """Nodes under ``if TYPE_CHECKING:``: annotations only, never executed."""
+    return {id(inner) for node in ast.walk(tree)
+            if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+            for stmt in node.body for inner in ast.walk(stmt)}
+
+
 def imports_of(path: Path) -> Iterator[str]:
     """Every module ``path`` imports; ``from pkg import sub`` names ``pkg.sub`` when that is a module."""
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    skip = _type_checking_only(tree)
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
         if isinstance(node, ast.Import):
             yield from (alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
