@@ -146,3 +146,21 @@ def test_local_default_tracking_is_sqlite(tmp_path, monkeypatch) -> None:
     assert (tmp_path / "mlflow.db").exists()
     # Artifacts land beside the store, not in the working directory.
     assert list((tmp_path / "mlartifacts").rglob("note.txt"))
+
+
+def test_access_denied_names_the_action_the_uri_and_who(monkeypatch: pytest.MonkeyPatch) -> None:
+    text = "When getting information for bucket 'b': AWS Error ACCESS_DENIED during HeadBucket operation: No body"
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ROLE_ARN"):
+        monkeypatch.delenv(name, raising=False)
+    role = str(storage._explain("s3://b/cohorts/x", OSError(text)))
+    assert "s3:ListBucket on arn:aws:s3:::b (HeadBucket)" in role and "this node's role" in role
+    assert "access key" not in role.lower() and "AWS_ACCESS_KEY_ID" not in role
+    monkeypatch.setenv("AWS_ROLE_ARN", "arn:aws:iam::1:role/mint-ray-ray-pods")
+    get = "When reading information for key 'models/plip/config.json' in bucket 'b': AWS Error ACCESS_DENIED during " \
+          "GetObject operation"
+    irsa = str(storage._explain("s3://b/models/plip/config.json", OSError(get)))
+    assert "s3:GetObject on arn:aws:s3:::b/models/plip/config.json" in irsa and "mint-ray-ray-pods" in irsa
+    assert "access key" not in irsa.lower()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
+    keyed = str(storage._explain("s3://b/cohorts/x", OSError(text)))
+    assert "AWS_ACCESS_KEY_ID" in keyed and "s3:ListBucket" in keyed

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -36,13 +37,13 @@ def ray_cluster(s3_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
         subprocess.run([str(LOCAL / "ray_head.sh"), "stop", str(state)], check=False, timeout=120)
 
 
-def submit(address: str, *entrypoint: str, timeout: float = 600) -> tuple[str, str]:
-    """`ray job submit` exactly as a user runs it; returns (final status, logs)."""
+def submit(address: str, *entrypoint: str, timeout: float = 600, cwd: Path = REPO) -> tuple[str, str]:
+    """`ray job submit` exactly as a user runs it from the checkout ``cwd``; returns (final status, logs)."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     out = subprocess.run([RAY, "job", "submit", "--address", address, "--no-wait", "--working-dir", ".",
                           "--runtime-env", "cluster/runtime_env.yaml", "--", *entrypoint],
-                         cwd=REPO, check=True, capture_output=True, text=True, timeout=120).stdout
+                         cwd=cwd, check=True, capture_output=True, text=True, timeout=120).stdout
     job_id = next(w.strip("'") for w in out.split() if w.strip("'").startswith("raysubmit_"))
     client = JobSubmissionClient(address)
     deadline = time.time() + timeout

@@ -6,13 +6,15 @@
 #   infra/local/s3.sh start DIR [LIFETIME_S]
 #   infra/local/s3.sh env DIR            # prints export lines (endpoint, keys)
 #   infra/local/s3.sh stop DIR           # stops the daemons by their PIDs
+#   infra/local/s3.sh user DIR UID [CAPS] # another S3 user; prints its key export lines
+#                                         # (CAPS e.g. "user-policy=*" to put IAM user policies)
 #
 # Ports come from S3_PORT / MON_PORT (defaults 7480 / 6789; the msgr2 port is
 # MON_PORT-3489+... see below) so several instances can run side by side.
 # Every daemon runs under `timeout LIFETIME` so a forgotten instance ends itself.
 set -euo pipefail
 
-cmd=${1:?usage: s3.sh install|start DIR [LIFETIME_S]|env DIR|stop DIR}
+cmd=${1:?usage: s3.sh install|start DIR [LIFETIME_S]|env DIR|stop DIR|user DIR UID [CAPS]}
 
 install() {
   if command -v radosgw >/dev/null && command -v ceph-mon >/dev/null && command -v ceph-osd >/dev/null; then
@@ -146,6 +148,17 @@ export AWS_RESPONSE_CHECKSUM_VALIDATION=when_required
 ENV
 }
 
+add_user() {
+  D=$(realpath -m "${1:?user needs a directory}")
+  local uid=${2:?user needs a UID} caps=${3:-}
+  local key secret
+  key=$(uuidgen | tr -d '-' | tr 'a-f' 'A-F' | head -c 20)
+  secret=$(head -c 48 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | head -c 40)
+  radosgw-admin -c "$D/ceph.conf" user create --uid="$uid" --display-name="$uid" \
+    --access-key="$key" --secret-key="$secret" ${caps:+--caps="$caps"} >/dev/null
+  printf 'export AWS_ACCESS_KEY_ID=%s\nexport AWS_SECRET_ACCESS_KEY=%s\n' "$key" "$secret"
+}
+
 stop() {
   D=$(realpath -m "${1:?stop needs a directory}")
   for name in rgw osd mon; do   # gateway, then OSD, then monitor
@@ -166,5 +179,6 @@ case $cmd in
   start) install; start "${@:2}" ;;
   env) print_env "${@:2}" ;;
   stop) stop "${@:2}" ;;
-  *) echo "usage: s3.sh install|start DIR [LIFETIME_S]|env DIR|stop DIR" >&2; exit 2 ;;
+  user) add_user "${@:2}" ;;
+  *) echo "usage: s3.sh install|start DIR [LIFETIME_S]|env DIR|stop DIR|user DIR UID [CAPS]" >&2; exit 2 ;;
 esac

@@ -339,8 +339,10 @@ def run(cfg: Config) -> dict[str, Any]:
             train_loop_config={"cfg": cfg.model_dump(mode="json"), "labels": list(plan.labels),
                                "teacher": teacher, "top_k": k,
                                "lineage": lineage},
+            # A resource set to 0 (``--set resources_per_worker.GPU=0`` on a CPU cluster) is none.
             scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                         resources_per_worker=cfg.resources_per_worker),
+                                         resources_per_worker={k: v for k, v in cfg.resources_per_worker.items()
+                                                               if v}),
             run_config=RunConfig(name=f"teacher-{name}", storage_path=ray_dir))
         started = time.time()
         try:
