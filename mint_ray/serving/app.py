@@ -31,6 +31,7 @@ def build_app(args: dict[str, Any] | ServeConfig) -> serve.Application:
         "ray_actor_options": {"num_cpus": dep.num_cpus, "num_gpus": dep.num_gpus},
         "max_ongoing_requests": max(dep.max_ongoing_requests, cfg.batching.max_batch_size),
         "max_queued_requests": dep.max_queued_requests,
+        "graceful_shutdown_timeout_s": dep.graceful_shutdown_timeout_s,
         "user_config": cfg.batching.model_dump(),
     }
     if dep.autoscaling is not None:

@@ -18,10 +18,28 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class RequestLimitsConfig(StrictModel):
-    """What one request may carry. Bigger requests are refused with a 4xx, never truncated."""
+    """What one request may carry, and how long its body may take to arrive. Bigger
+    or slower requests are refused with a 4xx, never truncated.
+
+    The prompt is limited in tokens, the unit the model pays in: a note within
+    ``max_note_chars`` can still be 4 tokens a character (emoji, rare scripts). A
+    prompt over ``max_prompt_tokens`` (None: the model's context length less the
+    answer's ``max_new_tokens``) is refused (413 ``prompt_too_long``, naming the
+    limit). Training cut over-long notes from their end (``prompt_overflow:
+    cut_note``); the server does not: a shortened note is a different clinical
+    question, so the client decides what to leave out.
+    """
 
     max_body_bytes: int = Field(8 * 2**20, gt=0)
     max_note_chars: int = Field(20_000, gt=0)
+    max_prompt_tokens: int | None = Field(None, gt=0)
+    # A body must arrive within body_timeout_s, and after the first body_grace_s at
+    # min_body_bytes_per_s on average, or the request gets a 408: a replica's request
+    # slots (max_ongoing_requests) are held while a body is read, so a client
+    # trickling bytes must not keep one for long.
+    body_timeout_s: float = Field(30, gt=0)
+    body_grace_s: float = Field(2, ge=0)
+    min_body_bytes_per_s: int = Field(16 * 1024, ge=0)
     max_image_bytes: int = Field(ImageLimits.max_bytes, gt=0)
     # Checked on the header before any pixel is decoded (decompression bombs).
     max_image_pixels: int = Field(ImageLimits.max_pixels, gt=0)
@@ -66,6 +84,9 @@ class DeploymentConfig(StrictModel):
     max_ongoing_requests: int = Field(32, ge=1)
     # -1: unbounded; a bound turns overload into 503s instead of growing latency.
     max_queued_requests: int = Field(-1, ge=-1)
+    # How long a stopping replica (serve.delete, a rolling update) waits for its
+    # requests in flight before it is killed.
+    graceful_shutdown_timeout_s: float = Field(20, ge=0)
 
 
 class ServeConfig(StrictModel):
@@ -119,8 +140,9 @@ class Config(StrictModel):
     ray: RayConfig = Field(default_factory=RayConfig)
     name: str = "mint"
     route_prefix: str = "/"
-    # Block until Ctrl-C (an in-process cluster dies with this process); false
-    # returns once the application is up (with ray.address, it keeps running).
+    # Block until Ctrl-C or SIGTERM, then delete this application (its replicas finish
+    # the requests in flight) and exit 0; other applications on the cluster keep
+    # running. False returns once the application is up (with ray.address, it keeps running).
     wait: bool = True
 
     @model_validator(mode="after")

@@ -1,11 +1,15 @@
 """The Serve deployment: one replica holds the model, follows its alias and batches.
 
 Requests are batched with ``@serve.batch`` (size and wait from config, changed live
-through ``user_config``). A replica that serves an alias polls the registry and,
-when the alias moves, loads the new version beside the old one and swaps the
-reference: a batch already running keeps the model object it started with, so no
-request is dropped. The HTTP routes are built by :mod:`mint_ray.serving.routes`
-once the model is loaded.
+through ``user_config``). A request is checked completely before it joins a batch
+(``prepare``: its text encodes, carries no control token and its prompt fits the
+model), and a batch that fails anyway is run again one request at a time
+(``generate_each``), so a request that breaks generation fails alone.
+
+A replica that serves an alias polls the registry and, when the alias moves, loads
+the new version beside the old one and swaps the reference: a batch already running
+keeps the model object it started with, so no request is dropped. The HTTP routes
+are built by :mod:`mint_ray.serving.routes` once the model is loaded.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from PIL import Image
 from ray import serve
@@ -24,7 +29,16 @@ from mint_ray import storage
 from mint_ray.errors import MintError
 from mint_ray.serving.config import RequestBatchingConfig, ServeConfig
 from mint_ray.serving.guard import read_api_key
-from mint_ray.serving.inputs import check_task, decode_base64, decode_image, prompt_for
+from mint_ray.serving.inputs import (
+    check_control_tokens,
+    check_prompt_tokens,
+    check_task,
+    check_text,
+    decode_base64,
+    decode_image,
+    prompt_for,
+    prompt_tokens,
+)
 from mint_ray.serving.loading import LoadedModel, alias_version, load_model, parse_model_uri, pinned_version
 from mint_ray.serving.routes import create_api
 from mint_ray.serving.schemas import RequestError
@@ -47,6 +61,28 @@ class Job:
 class Answer:
     text: str
     model: LoadedModel
+
+
+J = TypeVar("J")
+R = TypeVar("R")
+
+
+async def generate_each(run: Callable[[list[J]], Awaitable[list[R]]], jobs: list[J]) -> list[R | Exception]:
+    """``run(jobs)``; if that fails, each job again on its own, so a job that breaks the
+    batch gets its own error and the others their answers."""
+    try:
+        return list(await run(jobs))
+    except Exception as err:
+        if len(jobs) == 1:
+            return [err]
+        log.warning("a batch of %d failed (%s): answering its requests one by one", len(jobs), type(err).__name__)
+    out: list[R | Exception] = []
+    for job in jobs:
+        try:
+            out.extend(await run([job]))
+        except Exception as err:  # this request's own failure
+            out.append(err)
+    return out
 
 
 @serve.deployment(name=DEPLOYMENT_NAME)
@@ -119,12 +155,17 @@ class MintStudent:
                 log.warning("alias check of %s failed: %s", self.ref.uri, self.alias_error)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)  # replaced from config by reconfigure()
-    async def _generate(self, jobs: list[Job]) -> list[Answer]:
+    async def _generate(self, jobs: list[Job]) -> list[Answer | Exception]:
+        """One answer, or that request's own error, per job (never one error for all)."""
         model = self.model  # one model for the whole batch, even if the alias moves now
-        images = [j.image for j in jobs] if model.task.modality == "image" else None
-        texts = await asyncio.to_thread(model.generator.generate, [j.messages for j in jobs], images,
-                                        max_new_tokens=self.max_new_tokens)
-        return [Answer(text, model) for text in texts]
+
+        async def run(batch: list[Job]) -> list[Answer]:
+            images = [j.image for j in batch] if model.task.modality == "image" else None
+            texts = await asyncio.to_thread(model.generator.generate, [j.messages for j in batch], images,
+                                            max_new_tokens=self.max_new_tokens)
+            return [Answer(text, model) for text in texts]
+
+        return await generate_each(run, jobs)
 
     async def prepare(self, task_name: str, note: str | None, image: bytes | str | None,
                       top_k: int | None) -> Job:
@@ -143,12 +184,25 @@ class MintStudent:
             if len(note) > limits.max_note_chars:
                 raise RequestError(422, "note_too_long", f"note is {len(note)} characters, over the limit of "
                                    f"{limits.max_note_chars}", "note")
-            return Job(prompt_for(task, note, k), None, k)
-        if image is None:
-            raise RequestError(422, "missing_image", f"task {task.name} needs an 'image'", "image")
-        raw = decode_base64(image, limits) if isinstance(image, str) else image
-        pil = await asyncio.to_thread(decode_image, raw, limits)
-        return Job(prompt_for(task, None, k), pil, k)
+            check_text(note, "note")
+            check_control_tokens(note, self.model.control_tokens, "note")
+            job = Job(prompt_for(task, note, k), None, k)
+        else:
+            if image is None:
+                raise RequestError(422, "missing_image", f"task {task.name} needs an 'image'", "image")
+            raw = decode_base64(image, limits) if isinstance(image, str) else image
+            pil = await asyncio.to_thread(decode_image, raw, limits)
+            job = Job(prompt_for(task, None, k), pil, k)
+        limit = self.model.prompt_limit(self.max_new_tokens, limits.max_prompt_tokens)
+        if limit is not None:
+            # The tokens, not the characters, are what the model pays for (memory grows
+            # with their square in a padded batch): counted before the batch.
+            check_prompt_tokens(await asyncio.to_thread(prompt_tokens, self.model.generator.tokenizer,
+                                                        job.messages), limit)
+        return job
 
     async def answer(self, job: Job) -> Answer:
-        return await self._generate(job)
+        result = await self._generate(job)
+        if isinstance(result, Exception):
+            raise result
+        return result

@@ -1,20 +1,31 @@
-"""The ASGI middleware in front of every route: the API key, then the body size.
+"""The ASGI middleware in front of every route: the API key, then the body's size
+and arrival time.
 
 The key (a bearer token) is read from the environment variable that config
 names, compared in constant time and never logged. Probes carry no key.
+
+A replica holds one of its request slots (Serve's ``max_ongoing_requests``)
+while it reads a body, and the proxy queues everything else, ``/healthz``
+included, behind full slots. So a body must arrive in time (``body_timeout_s``,
+and at ``min_body_bytes_per_s`` after ``body_grace_s``) or the request is answered
+408 and its slot is free again: clients trickling bytes hold a slot for about
+``body_grace_s``, not for as long as they like. GET routes read no body.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import os
 import time
+from typing import Any
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mint_ray.errors import MintError
-from mint_ray.serving.config import ServeConfig
+from mint_ray.serving.config import RequestLimitsConfig, ServeConfig
+from mint_ray.serving.inputs import whole_number
 from mint_ray.serving.schemas import error_body
 
 # Probes (Kubernetes, load balancers) carry no key.
@@ -46,12 +57,37 @@ def request_id_of(scope: Scope) -> str:
     return ""
 
 
-class RequestGuard:
-    """Pure ASGI middleware in front of every route: the bearer key, then the body limit
-    (Content-Length, and the bytes actually received), then the app with the body replayed."""
+class BodyTimeout(Exception):
+    """The body did not arrive in time."""
 
-    def __init__(self, app: ASGIApp, api_key: bytes | None, max_body_bytes: int) -> None:
-        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+
+class BodyDeadline:
+    """When the rest of a body must have arrived: ``timeout_s`` after the start at the
+    latest, and by then ``min_rate`` bytes a second on average after ``grace_s``."""
+
+    def __init__(self, timeout_s: float, grace_s: float, min_rate: int, clock: Any = time.monotonic) -> None:
+        self.timeout_s, self.grace_s, self.min_rate, self.clock = timeout_s, grace_s, min_rate, clock
+        self.start = clock()
+
+    def wait_s(self, received: int) -> float:
+        """Seconds left to receive the next part, having ``received`` bytes so far (<= 0: too late)."""
+        due = self.timeout_s
+        if self.min_rate > 0:
+            due = min(due, self.grace_s + received / self.min_rate)
+        return due - (self.clock() - self.start)
+
+    @classmethod
+    def of(cls, limits: RequestLimitsConfig) -> BodyDeadline:
+        return cls(limits.body_timeout_s, limits.body_grace_s, limits.min_body_bytes_per_s)
+
+
+class RequestGuard:
+    """Pure ASGI middleware in front of every route: the bearer key, then the body limits
+    (Content-Length, the bytes actually received, the time they take), then the app with
+    the body replayed."""
+
+    def __init__(self, app: ASGIApp, api_key: bytes | None, limits: RequestLimitsConfig) -> None:
+        self.app, self.api_key, self.limits = app, api_key, limits
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int, code: str, message: str,
                       headers: dict[str, str] | None = None) -> None:
@@ -66,6 +102,24 @@ class RequestGuard:
                 return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
         return False
 
+    async def _read_body(self, receive: Receive) -> bytes | str:
+        """The whole body, or why not: "disconnect", "too_large" or "timeout"."""
+        deadline = BodyDeadline.of(self.limits)
+        body = bytearray()
+        more = True
+        while more:
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline.wait_s(len(body)), 0))
+            except TimeoutError:
+                return "timeout"
+            if message["type"] == "http.disconnect":
+                return "disconnect"
+            body += message.get("body", b"")
+            if len(body) > self.limits.max_body_bytes:  # chunked uploads declare no length
+                return "too_large"
+            more = message.get("more_body", False)
+        return bytes(body)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -79,33 +133,38 @@ class RequestGuard:
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
-        too_large = f"request body is over the limit of {self.max_body_bytes} bytes"
+        limit = self.limits.max_body_bytes
+        too_large = f"request body is over the limit of {limit} bytes"
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None:
-            if not declared.isdigit():
+            digits = declared.strip()
+            if not digits.isdigit():  # bytes.isdigit: ASCII digits only
                 await self._refuse(scope, receive, send, 400, "bad_content_length", "Content-Length is not a number")
                 return
-            if int(declared) > self.max_body_bytes:
+            # More digits than the limit has is over the limit, however many there are.
+            size = whole_number(digits.lstrip(b"0") or b"0", max_digits=len(str(limit)))
+            if size is None or size > limit:
                 await self._refuse(scope, receive, send, 413, "body_too_large", too_large)
                 return
-        body = bytearray()
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if len(body) > self.max_body_bytes:  # chunked uploads declare no length
-                await self._refuse(scope, receive, send, 413, "body_too_large", too_large)
-                return
-            more = message.get("more_body", False)
+        body = await self._read_body(receive)
+        if body == "disconnect":
+            return
+        if body == "too_large":
+            await self._refuse(scope, receive, send, 413, "body_too_large", too_large)
+            return
+        if body == "timeout":
+            await self._refuse(scope, receive, send, 408, "body_timeout",
+                               f"the request body did not arrive in time (within {self.limits.body_timeout_s:g} s, "
+                               f"at {self.limits.min_body_bytes_per_s} bytes/s after the first "
+                               f"{self.limits.body_grace_s:g} s)", {"Connection": "close"})
+            return
         replayed = False
 
         async def replay() -> Message:
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
+                return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
         await self.app(scope, replay, send)

@@ -7,6 +7,7 @@ its folder goes to the node-local model cache (:mod:`mint_ray.model_folders`).
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,7 @@ from mint_ray.errors import MintError
 from mint_ray.registry import alias_version as registry_alias_version
 from mint_ray.registry import local_model_dir, parse_models_uri
 from mint_ray.serving.config import ServeConfig
+from mint_ray.serving.inputs import control_token_pattern
 from mint_ray.serving.labels import LabelIds, label_catalog
 from mint_ray.serving.schemas import ModelInfo
 from mint_ray.tasks import TASKS, Task, get_task
@@ -72,6 +74,17 @@ class LoadedModel:
     metadata: dict[str, Any]
     ids: LabelIds
     loaded_at: float = field(default_factory=time.time)
+    # The positions the model has (prompt and answer together); None: not recorded.
+    context_tokens: int | None = None
+    # The tokenizer's special tokens, which a note may not carry (inputs.check_control_tokens).
+    control_tokens: re.Pattern[str] | None = None
+
+    def prompt_limit(self, max_new_tokens: int, configured: int | None) -> int | None:
+        """The most prompt tokens a request may have: the context less the answer, and at
+        most ``limits.max_prompt_tokens``."""
+        room = None if self.context_tokens is None else self.context_tokens - max_new_tokens
+        limits = [n for n in (configured, room) if n is not None]
+        return max(min(limits), 0) if limits else None
 
     def info(self) -> ModelInfo:
         return ModelInfo(name=self.ref.name, version=self.version, alias=self.ref.alias, uri=self.ref.uri)
@@ -109,4 +122,9 @@ def load_model(cfg: ServeConfig, ref: ModelRef, version: str | None) -> LoadedMo
                         f"task {cfg.task!r}: fix model_uri or task")
     task = served_task(generator.metadata)
     ids = LabelIds(label_catalog(task, generator.metadata, cfg.label_catalog_uri))
-    return LoadedModel(generator, ref, version, task, generator.metadata, ids)
+    tokenizer = generator.tokenizer
+    text_config = generator.model.config.get_text_config()
+    specials = [*tokenizer.all_special_tokens, *(t.content for t in tokenizer.added_tokens_decoder.values())]
+    return LoadedModel(generator, ref, version, task, generator.metadata, ids,
+                       context_tokens=getattr(text_config, "max_position_embeddings", None),
+                       control_tokens=control_token_pattern(specials))

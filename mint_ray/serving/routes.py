@@ -29,7 +29,7 @@ from starlette.types import ASGIApp
 
 from mint_ray.serving.config import RequestLimitsConfig
 from mint_ray.serving.guard import RequestGuard
-from mint_ray.serving.inputs import chat_inputs, parse_json, validation_details
+from mint_ray.serving.inputs import MAX_DIGITS, chat_inputs, check_text, parse_json, validation_details, whole_number
 from mint_ray.serving.labels import ranked_labels
 from mint_ray.serving.schemas import ChatRequest, PredictRequest, PredictResponse, RequestError, error_body
 
@@ -56,10 +56,15 @@ async def _form_inputs(request: Request, limits: RequestLimitsConfig) -> tuple[d
         else:
             raise RequestError(422, "invalid_field", f"unknown form field {key!r}; use task, top_k, note, image",
                                key)
+    for key, value in fields.items():
+        if isinstance(value, str):
+            check_text(value, key)
     if isinstance(fields.get("top_k"), str):
-        if not fields["top_k"].strip().isdigit():
-            raise RequestError(422, "invalid_field", "top_k must be a whole number", "top_k")
-        fields["top_k"] = int(fields["top_k"])
+        top_k = whole_number(fields["top_k"])
+        if top_k is None:
+            raise RequestError(422, "invalid_field", f"top_k must be a whole number of at most {MAX_DIGITS} "
+                               "digits", "top_k")
+        fields["top_k"] = top_k
     return fields, image
 
 
@@ -172,7 +177,7 @@ def create_api(service: MintStudent) -> ASGIApp:
                          "parseable": parseable, "model": served.model_dump(),
                          "latency_ms": elapsed_ms(request)}}
 
-    api.add_middleware(RequestGuard, api_key=service.api_key, max_body_bytes=cfg.limits.max_body_bytes)
+    api.add_middleware(RequestGuard, api_key=service.api_key, limits=cfg.limits)
     if cfg.cors_origins:  # added last: outermost, so 401/413 answers carry CORS headers too
         api.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])

@@ -5,6 +5,12 @@ pinned ``models:/<name>/<version>``, an ``s3://`` or a local student directory.
 The driver checks the model and the API key first (``preflight``), so a
 misconfigured application fails here, with the fix, instead of in replicas
 that Serve keeps restarting.
+
+Ctrl-C or SIGTERM stops what this command started and nothing else: its own
+application is deleted (``stop``; Serve stops routing to it and its replicas
+finish the requests in flight, for up to ``deployment.graceful_shutdown_timeout_s``),
+other applications on the cluster and Serve itself keep running, and the command
+exits 0. A second signal during that drain stops the command at once.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from mint_ray.serving.config import Config, HttpConfig, ServeConfig
 from mint_ray.serving.guard import read_api_key
 from mint_ray.serving.loading import alias_version, parse_model_uri
 
-__all__ = ["CLI_FLAGS", "Config", "deploy", "preflight", "run"]
+__all__ = ["CLI_FLAGS", "Config", "deploy", "preflight", "run", "stop"]
 
 CLI_FLAGS = {"model-uri": "app.model_uri", "task": "app.task", "tracking-uri": "app.tracking_uri",
              "api-key-env": "app.api_key_env", "host": "http.host", "port": "http.port",
@@ -79,10 +85,21 @@ def run(cfg: Config) -> dict[str, Any]:
     if not cfg.wait:
         return summary
     print(f"[serve] {cfg.app.model_uri} at {url} (try {url}/v1/models); Ctrl-C stops", flush=True)
-    stop = threading.Event()
+    signalled = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(1.0):
+        signal.signal(sig, lambda *_: signalled.set())
+    while not signalled.wait(0.5):
         pass
-    serve.shutdown()
+    # A second signal during the drain stops the command at once.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    print(f"[serve] stopping {cfg.name!r}: finishing the requests in flight", flush=True)
+    stop(cfg.name)
     return {**summary, "stopped": True}
+
+
+def stop(name: str) -> None:
+    """Delete the application ``name`` and wait until it is gone: Serve stops routing to it
+    and its replicas finish their requests in flight first. Other applications, and
+    Serve on the cluster, keep running (``serve.shutdown`` would stop them all)."""
+    serve.delete(name, _blocking=True)

@@ -1,0 +1,156 @@
+"""The guard in front of every route, driven as a plain ASGI app (no Serve): the body's
+declared size, its real size, and how long it takes to arrive."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from mint_ray.serving.config import RequestLimitsConfig
+from mint_ray.serving.guard import BodyDeadline, RequestGuard
+
+LIMITS = RequestLimitsConfig(max_body_bytes=10_000, body_timeout_s=2, body_grace_s=0.3, min_body_bytes_per_s=2000)
+
+
+class Recorder:
+    """The app behind the guard: records the body it was given and answers 200."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]],
+                      send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        if scope["method"] != "GET":
+            message = await receive()
+            self.bodies.append(message.get("body", b""))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+def call(chunks: Callable[[], Awaitable[dict[str, Any]]], headers: list[tuple[bytes, bytes]] | None = None,
+         method: str = "POST", limits: RequestLimitsConfig = LIMITS, path: str = "/v1/predict",
+         api_key: bytes | None = None) -> tuple[int | None, dict[str, Any] | None, float, Recorder]:
+    """(status, JSON body, seconds, app) of one request through the guard."""
+    app = Recorder()
+    guard = RequestGuard(app, api_key=api_key, limits=limits)
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": path, "root_path": "",
+             "headers": [(b"x-request-id", b"rid-1"), *(headers or [])]}
+    started = time.monotonic()
+    asyncio.run(asyncio.wait_for(guard(scope, chunks, send), 30))
+    elapsed = time.monotonic() - started
+    status = next((m["status"] for m in sent if m["type"] == "http.response.start"), None)
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    parsed = json.loads(body) if status not in (None, 200) else None
+    return status, parsed, elapsed, app
+
+
+def trickle(parts: list[bytes], every_s: float, then: str = "end") -> Callable[[], Awaitable[dict[str, Any]]]:
+    """A client sending ``parts`` one every ``every_s``; after them: the end of the body,
+    nothing ever again ("stall"), or a disconnect."""
+    queue = list(parts)
+
+    async def receive() -> dict[str, Any]:
+        if queue:
+            await asyncio.sleep(every_s)
+            part = queue.pop(0)
+            return {"type": "http.request", "body": part, "more_body": bool(queue) or then != "end"}
+        if then == "disconnect":
+            return {"type": "http.disconnect"}
+        if then == "stall":
+            await asyncio.sleep(3600)
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    return receive
+
+
+def test_a_fast_body_in_many_parts_reaches_the_app_whole() -> None:
+    status, _, _, app = call(trickle([b"x" * 100] * 50, 0.001))
+    assert status == 200 and app.bodies == [b"x" * 5000]
+
+
+def test_a_slow_but_steady_upload_is_read() -> None:
+    # 40 parts of 200 bytes every 30 ms: ~6000 bytes/s, above the 2000 bytes/s floor, for over 1 s.
+    status, _, elapsed, app = call(trickle([b"y" * 200] * 40, 0.03))
+    assert status == 200 and app.bodies == [b"y" * 8000] and elapsed > 1.0
+
+
+@pytest.mark.parametrize("then", ["stall", "end"])
+def test_a_trickling_body_gets_408_after_the_grace(then: str) -> None:
+    status, body, elapsed, app = call(trickle([b"{"] * 1000, 0.1, then))
+    assert status == 408 and not app.bodies
+    assert body is not None and body["error"]["code"] == "body_timeout" and body["request_id"] == "rid-1"
+    assert "bytes/s" in body["error"]["message"]
+    # One byte per 0.1 s is far under 2000 bytes/s: cut at the grace (0.3 s), not at body_timeout_s.
+    assert elapsed < 1.0
+
+
+def test_a_body_that_never_comes_gets_408() -> None:
+    status, body, elapsed, _ = call(trickle([], 0, "stall"))
+    assert status == 408 and body is not None and elapsed < 1.0
+
+
+def test_a_steady_body_still_ends_at_body_timeout_s() -> None:
+    limits = LIMITS.model_copy(update={"max_body_bytes": 10**7, "body_timeout_s": 0.8})
+    status, _, elapsed, _ = call(trickle([b"z" * 500] * 1000, 0.05), limits=limits)
+    assert status == 408 and 0.7 < elapsed < 1.5
+
+
+def test_a_client_that_leaves_gets_no_answer() -> None:
+    status, _, _, app = call(trickle([b"{"], 0.01, "disconnect"))
+    assert status is None and not app.bodies
+
+
+def test_get_routes_read_no_body() -> None:
+    """A probe is answered at once whatever its (never read) body does."""
+    status, _, elapsed, app = call(trickle([], 0, "stall"), method="GET", path="/healthz")
+    assert status == 200 and elapsed < 0.5
+
+
+@pytest.mark.parametrize(("value", "status", "code"), [
+    (b"9" * 5000, 413, "body_too_large"),
+    (b"10001", 413, "body_too_large"),
+    ("²".encode(), 400, "bad_content_length"),
+    (b"-1", 400, "bad_content_length"),
+    (b"1e3", 400, "bad_content_length"),
+    (b"", 400, "bad_content_length"),
+    (b"0x10", 400, "bad_content_length"),
+], ids=["5000-digits", "over", "superscript", "negative", "exponent", "empty", "hex"])
+def test_content_length_is_read_with_the_bounded_parser(value: bytes, status: int, code: str) -> None:
+    got, body, elapsed, app = call(trickle([b"{}"], 0), [(b"content-length", value)])
+    assert (got, body and body["error"]["code"]) == (status, code) and not app.bodies and elapsed < 0.5
+
+
+def test_leading_zeros_in_content_length_are_a_number() -> None:
+    status, _, _, app = call(trickle([b"{}"], 0), [(b"content-length", b"0" * 40 + b"2")])
+    assert status == 200 and app.bodies == [b"{}"]
+
+
+def test_a_chunked_body_over_the_limit_is_refused_while_it_arrives() -> None:
+    status, body, _, app = call(trickle([b"x" * 4000] * 5, 0.001))
+    assert status == 413 and body is not None and body["error"]["code"] == "body_too_large" and not app.bodies
+
+
+def test_the_key_is_checked_before_any_body_is_read() -> None:
+    status, _, elapsed, _ = call(trickle([], 0, "stall"), api_key=b"secret")
+    assert status == 401 and elapsed < 0.5
+
+
+def test_body_deadline_arithmetic() -> None:
+    now = [100.0]
+    deadline = BodyDeadline(timeout_s=30, grace_s=2, min_rate=1000, clock=lambda: now[0])
+    assert deadline.wait_s(0) == 2  # nothing yet: the grace
+    assert deadline.wait_s(5000) == 7  # 5000 bytes buy 5 s at 1000 bytes/s
+    now[0] = 110
+    assert deadline.wait_s(5000) == -3  # too late
+    assert deadline.wait_s(10**9) == 20  # fast enough: body_timeout_s is the bound
+    assert BodyDeadline(timeout_s=5, grace_s=0, min_rate=0, clock=lambda: 0.0).wait_s(0) == 5
