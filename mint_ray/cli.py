@@ -65,6 +65,16 @@ def _flag_overrides(module: ModuleType, extra: list[str]) -> list[str]:
     return overrides
 
 
+def _shortcuts_help(module: ModuleType) -> str | None:
+    """The stage's CLI_FLAGS for ``--help`` (argparse does not parse them: ``_flag_overrides`` does)."""
+    flags: dict[str, str] = getattr(module, "CLI_FLAGS", {})
+    if not flags:
+        return None
+    width = max(len(f) for f in flags) + len("--") + len(" VALUE")
+    lines = [f"  {f'--{flag} VALUE':{width}s}  same as --set {key}=VALUE" for flag, key in flags.items()]
+    return "shortcuts (a flag without a value means true):\n" + "\n".join(lines)
+
+
 def run_stage(argv: list[str]) -> dict[str, Any]:
     """Parse ``argv`` (after the program name), load the stage config and run it."""
     words = [a for a in argv if not a.startswith("-")][:2]
@@ -74,7 +84,9 @@ def run_stage(argv: list[str]) -> dict[str, Any]:
         rest.remove(w)
     module = importlib.import_module(STAGES[key])
     parser = argparse.ArgumentParser(prog=f"mint-ray {' '.join(key)}",
-                                     description=(module.__doc__ or "").strip().splitlines()[0])
+                                     description=(module.__doc__ or "").strip().splitlines()[0],
+                                     epilog=_shortcuts_help(module),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML recipe for this stage")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="dotted override, e.g. --set storage.root=s3://bucket/prefix")
@@ -90,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: mint-ray <command> [--config RECIPE.yaml] [--set KEY=VALUE ...]\ncommands:")
         for key, mod in STAGES.items():
             print(f"  {' '.join(key):16s} ({mod})")
+        print("'mint-ray <command> --help' lists a command's options and shortcut flags")
         return 0
     try:
         summary = run_stage(argv)

@@ -112,7 +112,7 @@ def test_a_client_that_leaves_gets_no_answer() -> None:
 
 def test_get_routes_read_no_body() -> None:
     """A probe is answered at once whatever its (never read) body does."""
-    status, _, elapsed, app = call(trickle([], 0, "stall"), method="GET", path="/healthz")
+    status, _, elapsed, _ = call(trickle([], 0, "stall"), method="GET", path="/healthz")
     assert status == 200 and elapsed < 0.5
 
 
