@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 
+from mint_ray.serving.proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
 from tests.conftest import free_port
 from tests.serving_inputs import SMALL
 
@@ -81,6 +82,8 @@ def start_serving(mlflow_server: str, tmp: Path, **common: Any) -> Iterator[Serv
     os.environ[KEY_ENV] = KEY
     cache, cache_before = tmp / "node-cache", os.environ.get("MINT_RAY_CACHE")
     os.environ["MINT_RAY_CACHE"] = str(cache)
+    callback_before = os.environ.get(PROXY_CALLBACK_ENV)
+    os.environ[PROXY_CALLBACK_ENV] = PROXY_CALLBACK  # the proxy's header guard
     ray.init(address="local", num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -106,10 +109,11 @@ def start_serving(mlflow_server: str, tmp: Path, **common: Any) -> Iterator[Serv
         serve.shutdown()
         ray.shutdown()
         os.environ.pop(KEY_ENV, None)
-        if cache_before is None:
-            os.environ.pop("MINT_RAY_CACHE", None)
-        else:
-            os.environ["MINT_RAY_CACHE"] = cache_before
+        for name, before in (("MINT_RAY_CACHE", cache_before), (PROXY_CALLBACK_ENV, callback_before)):
+            if before is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = before
 
 
 def files_holding(logs_dir: Path, secrets: list[str]) -> list[str]:

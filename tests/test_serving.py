@@ -243,6 +243,16 @@ def test_one_bad_request_does_not_fail_its_batch(served: Served) -> None:
 
 
 @pytest.mark.mlflow_server
+def test_headers_the_proxy_reads_must_be_utf8(served: Served) -> None:
+    """Serve's proxy decodes x-request-id and x-request-timeout-seconds itself (a 500 on other
+    bytes): the proxy's header guard answers 400 in the error shape first."""
+    for name in ("X-Request-Id", "X-Request-Timeout-Seconds", "X-Anything"):
+        resp = httpx.get(f"{served.base}/vision/healthz", headers={name: b"\xff\xfe"})
+        assert resp.status_code == 400 and error_code(resp) == "invalid_header", resp.text
+    assert httpx.get(f"{served.base}/vision/healthz", headers={"X-Request-Id": "café".encode()}).status_code == 200
+
+
+@pytest.mark.mlflow_server
 def test_chat_hostile_input(served: Served) -> None:
     post = served.text.post
     resp = post("/v1/chat/completions", content=b'{"n": ' + b"1" * 4400 + b', "messages": [{"role": "user", '

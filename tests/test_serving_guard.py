@@ -1,5 +1,6 @@
-"""The guard in front of every route, driven as a plain ASGI app (no Serve): the body's
-declared size, its real size, and how long it takes to arrive."""
+"""The guards, driven as plain ASGI apps (no Serve): the one in front of every route (the
+body's declared size, its real size, and how long it takes to arrive), and the one in
+Serve's proxy (header values that are not UTF-8)."""
 
 from __future__ import annotations
 
@@ -154,3 +155,25 @@ def test_body_deadline_arithmetic() -> None:
     assert deadline.wait_s(5000) == -3  # too late
     assert deadline.wait_s(10**9) == 20  # fast enough: body_timeout_s is the bound
     assert BodyDeadline(timeout_s=5, grace_s=0, min_rate=0, clock=lambda: 0.0).wait_s(0) == 5
+
+
+def test_the_proxy_guard_refuses_header_values_that_are_not_utf8() -> None:
+    from mint_ray.serving.proxy import HeaderGuard, middlewares, undecodable_header
+
+    assert undecodable_header([(b"x-request-id", "é".encode()), (b"accept", b"*/*")]) is None
+    assert undecodable_header([(b"accept", b"*/*"), (b"x-request-id", b"\xff\xfe")]) == "x-request-id"
+    for headers, expected in (([(b"x-request-timeout-seconds", b"\xff")], 400), ([(b"x-request-id", b"ok")], 200)):
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any], sent: list[dict[str, Any]] = sent) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "GET", "path": "/healthz", "headers": headers}
+        asyncio.run(HeaderGuard(Recorder())(scope, trickle([], 0), send))
+        assert sent[0]["status"] == expected
+        if expected == 400:
+            body = json.loads(sent[1]["body"])
+            assert body["error"]["code"] == "invalid_header" and body["error"]["param"] == headers[0][0].decode()
+            assert (b"x-request-id", body["request_id"].encode()) in sent[0]["headers"]
+    (middleware,) = middlewares()
+    assert middleware.cls is HeaderGuard

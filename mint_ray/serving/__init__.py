@@ -11,6 +11,8 @@ One application serves one model (so one task). One concern per module:
 - ``loading``: which model a URI names; loading it with its task and label ids;
 - ``guard``: the ASGI middleware in front of every route (API key, body size, and a
   deadline for the body: 408 instead of a request slot held by a trickling client);
+- ``proxy``: what runs in Serve's HTTP proxy, in front of every application (a 400 for
+  header values the proxy itself would fail on);
 - ``deployment``: the Serve replica (the model, the alias watcher, the batcher; a
   request that fails inside a batch fails alone);
 - ``routes``: a replica's HTTP routes;

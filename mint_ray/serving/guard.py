@@ -57,8 +57,8 @@ def request_id_of(scope: Scope) -> str:
     return ""
 
 
-class BodyTimeout(Exception):
-    """The body did not arrive in time."""
+# Why a body was not read (str, never bytes: told apart from a body by its type too).
+DISCONNECT, TOO_LARGE, TIMEOUT = "disconnect", "too_large", "timeout"
 
 
 class BodyDeadline:
@@ -103,7 +103,7 @@ class RequestGuard:
         return False
 
     async def _read_body(self, receive: Receive) -> bytes | str:
-        """The whole body, or why not: "disconnect", "too_large" or "timeout"."""
+        """The whole body, or why not (``DISCONNECT``, ``TOO_LARGE``, ``TIMEOUT``)."""
         deadline = BodyDeadline.of(self.limits)
         body = bytearray()
         more = True
@@ -111,12 +111,12 @@ class RequestGuard:
             try:
                 message = await asyncio.wait_for(receive(), max(deadline.wait_s(len(body)), 0))
             except TimeoutError:
-                return "timeout"
+                return TIMEOUT
             if message["type"] == "http.disconnect":
-                return "disconnect"
+                return DISCONNECT
             body += message.get("body", b"")
             if len(body) > self.limits.max_body_bytes:  # chunked uploads declare no length
-                return "too_large"
+                return TOO_LARGE
             more = message.get("more_body", False)
         return bytes(body)
 
@@ -147,12 +147,12 @@ class RequestGuard:
                 await self._refuse(scope, receive, send, 413, "body_too_large", too_large)
                 return
         body = await self._read_body(receive)
-        if body == "disconnect":
+        if body == DISCONNECT:
             return
-        if body == "too_large":
+        if body == TOO_LARGE:
             await self._refuse(scope, receive, send, 413, "body_too_large", too_large)
             return
-        if body == "timeout":
+        if body == TIMEOUT:
             await self._refuse(scope, receive, send, 408, "body_timeout",
                                f"the request body did not arrive in time (within {self.limits.body_timeout_s:g} s, "
                                f"at {self.limits.min_body_bytes_per_s} bytes/s after the first "

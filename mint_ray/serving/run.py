@@ -15,6 +15,7 @@ exits 0. A second signal during that drain stops the command at once.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from pathlib import Path
@@ -29,6 +30,7 @@ from mint_ray.serving.app import build_app
 from mint_ray.serving.config import Config, HttpConfig, ServeConfig
 from mint_ray.serving.guard import read_api_key
 from mint_ray.serving.loading import alias_version, parse_model_uri
+from mint_ray.serving.proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
 
 __all__ = ["CLI_FLAGS", "Config", "deploy", "preflight", "run", "stop"]
 
@@ -67,6 +69,9 @@ def deploy(apps: dict[str, tuple[ServeConfig, str]], http: HttpConfig, ray_cfg: 
 
     for cfg, _ in apps.values():
         preflight(cfg)
+    # The proxy's header guard, for a cluster started here (an attached cluster's proxy
+    # has the environment its nodes started with).
+    os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
     init_ray(ray_cfg or RayConfig())
     serve.start(http_options={"host": http.host, "port": http.port})
     # One call: the applications' replicas start (download, load) side by side.
