@@ -8,15 +8,24 @@ current version (``<uri>/v-<id>/...``). Writers fill a fresh version folder,
 then publish it by writing the manifest (one PUT, atomic on S3), then delete
 older versions. Readers only follow the manifest, so a crash mid-write never
 shows a half dataset, and a re-run replaces the data instead of adding to it.
+``publish`` and ``remove_older`` are the two halves of ``commit``, for writers that
+publish several datasets as one.
+
+Files named by data rather than config (a cohort's image URIs) are resolved with
+``resolve``, kept inside a folder with ``is_within`` and read with ``read_file``:
+regular files only, never blocking, at most a given size.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
+import posixpath
 import re
+import stat
 import time
 import uuid
 from collections.abc import Iterator
@@ -236,6 +245,138 @@ def download_file(uri: str, local_path: str | Path) -> None:
         raise _explain(uri, err, "s3:GetObject") from None
 
 
+# ---------------------------------------------------------------- files named by data
+
+
+class FileRefused(StorageError):
+    """A file named by untrusted data (a cohort's ``image_uri``) that is not read.
+
+    ``kind``: ``missing`` (no such file), ``outside`` (a symlink leads out of the allowed
+    folder), ``not_a_file`` (a folder, FIFO, device or socket), ``too_large`` (``size`` is
+    set), ``unreadable`` (a symlink loop, a name too long, no permission, a failing GET of
+    that object) or ``timeout`` (the store's own request timeout)."""
+
+    def __init__(self, kind: str, detail: str, size: int | None = None) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind, self.detail, self.size = kind, detail, size
+
+
+def resolve(uri: str, base: str) -> str:
+    """``uri`` as an absolute URI without ``.``/``..`` segments: a relative path is taken
+    inside the folder ``base`` (a local path or ``s3://``), ``file://`` is dropped, and dot
+    segments are folded lexically (symlinks are :func:`read_file`'s concern). A NUL or a
+    scheme no store serves is a :class:`StorageError`."""
+    if "\x00" in uri:
+        raise StorageError("a NUL character in the URI")
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", uri) and not uri.startswith(("s3://", "file://")):
+        raise StorageError(f"unsupported URI scheme {uri.split('://', 1)[0]!r}: use a path or s3://bucket/key")
+    path = uri[len("file://"):] if uri.startswith("file://") else uri
+    if not is_s3(path) and not path.startswith("/"):
+        path = join(base if is_s3(base) else absolute(base), path)
+    if is_s3(path):
+        bucket, _, key = path[len("s3://"):].partition("/")
+        key = posixpath.normpath(key) if key else ""
+        return f"s3://{bucket}/{'' if key == '.' else key}"
+    return "/" + posixpath.normpath(path).lstrip("/")
+
+
+def is_within(uri: str, root: str) -> bool:
+    """Whether ``uri`` (as :func:`resolve` returns it) lies inside the folder ``root``: the
+    same store and bucket, and a path below it (``/a/bc`` is not inside ``/a/b``)."""
+    if is_s3(uri) != is_s3(root):
+        return False
+    top = (resolve(root, "/") if is_s3(root) else "/" + posixpath.normpath(absolute(root)).lstrip("/")).rstrip("/")
+    rest = uri[len(top) + 1:]
+    # An S3 key may climb out of its bucket ("s3://b/../c"): folded, it starts with "..".
+    return uri.startswith(top + "/") and bool(rest) and rest != ".." and not rest.startswith("../")
+
+
+def read_file(uri: str, max_bytes: int, *, within: str | None = None) -> bytes:
+    """The bytes of a file named by untrusted data, or :class:`FileRefused` saying why not.
+
+    Local: symlinks are followed and the real path must stay inside ``within``; the file is
+    opened non-blocking, without following a last symlink, and must be a regular file
+    (``fstat`` of the open descriptor), so a FIFO or a device never blocks or floods a read;
+    at most ``max_bytes`` are read. S3: the object's size is checked before its body is
+    read; a missing key is ``missing``, any other failure of that object ``unreadable``.
+    The store's own failure (endpoint down, credentials refused) is a :class:`StorageError`:
+    it is no row's fault.
+    """
+    if is_s3(uri):
+        return _read_object(uri, max_bytes)
+    path = filesystem(uri)[1]
+    real = os.path.realpath(path)
+    if within is not None and not is_within(real, os.path.realpath(filesystem(within)[1])):
+        raise FileRefused("outside", "a symlink leads outside the allowed folder")
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(real, flags)
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileRefused("missing", "no file there") from None
+    except (OSError, ValueError) as err:
+        raise FileRefused("unreadable", _os_reason(err)) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise FileRefused("not_a_file", f"not a regular file but a {_file_type(info.st_mode)}")
+        if info.st_size > max_bytes:
+            raise FileRefused("too_large", f"{info.st_size} bytes", size=info.st_size)
+        chunks, size = [], 0
+        while size <= max_bytes and (chunk := os.read(fd, min(8 * 2**20, max_bytes + 1 - size))):
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > max_bytes:  # grew since fstat
+            raise FileRefused("too_large", f"over {max_bytes} bytes", size=size)
+        return b"".join(chunks)
+    except OSError as err:
+        raise FileRefused("unreadable", _os_reason(err)) from None
+    finally:
+        os.close(fd)
+
+
+def _os_reason(err: Exception) -> str:
+    """An OS error without the path (paths named by data can be long and hostile)."""
+    if isinstance(err, OSError) and err.errno is not None:
+        return f"{errno.errorcode.get(err.errno, err.errno)}: {os.strerror(err.errno)}"
+    return f"{type(err).__name__}: {str(err)[:120]}"
+
+
+def _file_type(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def _store_failure(text: str) -> bool:
+    """Errors that say the store cannot be used at all, not that one object is bad."""
+    return any(marker in text for marker in ("NETWORK_CONNECTION", "Couldn't connect", "curlCode: 7,",
+                                             "InvalidAccessKeyId", "SignatureDoesNotMatch"))
+
+
+def _read_object(uri: str, max_bytes: int) -> bytes:
+    fs, path = filesystem(uri)
+    try:
+        with fs.open_input_file(path) as f:
+            size = f.size()
+            if size > max_bytes:
+                raise FileRefused("too_large", f"{size} bytes", size=size)
+            return f.read()
+    except FileRefused:
+        raise
+    except FileNotFoundError:
+        raise FileRefused("missing", "no object there") from None
+    except (OSError, ValueError) as err:  # pyarrow.ArrowInvalid is a ValueError
+        text = str(err)
+        if _store_failure(text):
+            raise _explain(uri, err, "s3:GetObject") from None
+        if "curlCode: 28" in text or "timed out" in text.lower():
+            raise FileRefused("timeout", "the store's request timeout") from None
+        reason = _explain(uri, err, "s3:GetObject") if isinstance(err, OSError) else err
+        raise FileRefused("unreadable", str(reason)[:300]) from None
+
+
 def delete_file(uri: str) -> None:
     """Remove one file; a file already gone is fine."""
     fs, path = filesystem(uri)
@@ -325,6 +466,16 @@ def commit(uri: str, version_uri: str, meta: dict[str, Any] | None = None,
 
     Older versions are deleted only after the new manifest is in place.
     """
+    manifest = publish(uri, version_uri, meta, hash_suffixes)
+    remove_older(uri, manifest.version)
+    return manifest
+
+
+def publish(uri: str, version_uri: str, meta: dict[str, Any] | None = None,
+            hash_suffixes: tuple[str, ...] = (".parquet",)) -> Manifest:
+    """The first half of :func:`commit`: write the manifest naming the Parquet files under
+    ``version_uri`` (the publish point: one PUT on S3, a rename locally), keeping older
+    versions, so that several datasets can be published before any old one goes."""
     files = [f for f in list_files(version_uri) if f.endswith(".parquet")]
     num_rows = 0
     for f in files:
@@ -333,11 +484,38 @@ def commit(uri: str, version_uri: str, meta: dict[str, Any] | None = None,
     manifest = Manifest(version=version_uri.rsplit("/", 1)[-1], files=files, num_rows=num_rows,
                         content_hash=_hash_files([f for f in files if f.endswith(hash_suffixes)]),
                         created_at=time.time(), meta=meta or {})
-    write_bytes(join(uri, MANIFEST), manifest.to_json().encode())
-    for old in _version_dirs(uri):
-        if old.rstrip("/").rsplit("/", 1)[-1] != manifest.version:
-            delete_tree(old)
+    _write_manifest(uri, manifest)
     return manifest
+
+
+def _write_manifest(uri: str, manifest: Manifest) -> None:
+    target = join(uri, MANIFEST)
+    if is_s3(uri):
+        write_bytes(target, manifest.to_json().encode())
+        return
+    # A local write is not atomic: write beside it, then rename over it.
+    temporary = join(uri, f".{MANIFEST}.{uuid.uuid4().hex[:8]}")
+    write_bytes(temporary, manifest.to_json().encode())
+    try:
+        pafs.LocalFileSystem().move(filesystem(temporary)[1], filesystem(target)[1])
+    except OSError as err:
+        delete_file(temporary)
+        raise _explain(target, err) from None
+
+
+def restore_manifest(uri: str, previous: Manifest | None) -> None:
+    """Put back the manifest ``uri`` had before a :func:`publish` (none: remove it)."""
+    if previous is None:
+        delete_file(join(uri, MANIFEST))
+    else:
+        _write_manifest(uri, previous)
+
+
+def remove_older(uri: str, keep: str) -> None:
+    """The second half of :func:`commit`: delete every version folder but ``keep``."""
+    for old in _version_dirs(uri):
+        if old.rstrip("/").rsplit("/", 1)[-1] != keep:
+            delete_tree(old)
 
 
 def abort(version_uri: str) -> None:
@@ -400,9 +578,24 @@ def read_dataset(uri: str, columns: list[str] | None = None) -> pa.Table:
 
 
 def iter_batches(uri: str, batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
+    for _, batch in iter_file_batches(uri, batch_size):
+        yield batch
+
+
+def iter_file_batches(uri: str, batch_size: int = 1024) -> Iterator[tuple[str, pa.RecordBatch]]:
+    """The committed dataset's batches, each with the URI of the file it comes from (in
+    file order, so a row's position in its file can be counted)."""
     for f in require_manifest(uri).files:
         fs, path = filesystem(f)
-        yield from pq.ParquetFile(fs.open_input_file(path)).iter_batches(batch_size=batch_size)
+        try:
+            for batch in pq.ParquetFile(fs.open_input_file(path)).iter_batches(batch_size=batch_size):
+                yield f, batch
+        except FileNotFoundError:
+            raise StorageError(f"{f}: named by the manifest of {uri} but missing; re-write the dataset") from None
+        except OSError as err:
+            raise _explain(f, err) from None
+        except pa.ArrowException as err:  # a broken Parquet file: the dataset's fault, said once
+            raise StorageError(f"{f}: not readable Parquet ({str(err)[:200]}); re-write the dataset") from None
 
 
 def read_dataset_schema(uri: str) -> pa.Schema:
