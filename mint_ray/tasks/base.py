@@ -11,6 +11,12 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+# The longest note (in characters: Python str length, code points) any stage takes: the
+# server refuses a longer one (serving's request limit default) and the preference build
+# quarantines it (``note_too_long``). One number, so a student is never trained on notes
+# it could not be asked with.
+MAX_NOTE_CHARS = 20_000
+
 # "1. 'Name'", "1) Name", "**1.** Name", "- 1: Name" ...
 _NUMBERED = re.compile(r"^\s*[-*•]*\s*\**\s*(\d{1,3})\s*[.):\]]\**\s*(.+?)\s*$")
 _QUOTES = "'\"`‘’“”*_"

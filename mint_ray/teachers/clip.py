@@ -94,7 +94,8 @@ class ClipTeacher:
         self.device = device
         self.model.to(device)
         self._text_embeds: torch.Tensor | None = None
-        self.inputs = ClipInputs(processor.image_processor)
+        vision = model.config.vision_config
+        self.inputs = ClipInputs(processor.image_processor, max(1, vision.image_size // vision.patch_size))
 
     # ---- construction ---------------------------------------------------------
     @classmethod

@@ -25,11 +25,10 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from mint_ray.config import StrictModel
 from mint_ray.errors import MintError
-from mint_ray.teachers.inputs import FusionInputs
+from mint_ray.teachers.inputs import POOL_GRID, FusionInputs
 from mint_ray.teachers.protocol import Case, TeacherSpec, as_tensor, weights_version
 
 WEIGHTS = "model.safetensors"
-POOL_GRID = 4
 
 
 class FusionSettings(StrictModel):

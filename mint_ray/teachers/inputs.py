@@ -16,6 +16,7 @@ fusion kind's CPU side never needs it; a CLIP image processor may import it itse
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,13 @@ from mint_ray.errors import MintError
 from mint_ray.images import resize
 from mint_ray.teachers.protocol import Case, TeacherSpec
 
+# The fusion CNN pools its features to this grid (cells a side, wherever the image's size).
+POOL_GRID = 4
+# The most one image side may exceed the other: a CLIP processor scales the short side to
+# its input size and keeps the centre square, so an image 16 times wider than high loses
+# 15/16 of itself and costs 16 squares of memory first; the fusion side squashes it 16-fold.
+MAX_IMAGE_ASPECT = 16.0
+
 
 class FusionInputs:
     """The fusion classifier's inputs: notes as token ids padded to ``max_text_tokens``,
@@ -33,9 +41,12 @@ class FusionInputs:
 
     Ids are padded to the full width here; the model side trims a batch to its longest
     note (:func:`mint_ray.teachers.fusion.model_inputs`), so scores do not depend on it.
+    An image must have a pixel for each cell of the CNN's pooling grid.
     """
 
     kind = "fusion"
+    min_image_side = POOL_GRID
+    max_image_aspect: float | None = MAX_IMAGE_ASPECT
 
     def __init__(self, tokenizer: Any, *, max_text_tokens: int, image_size: int) -> None:
         self.tokenizer = tokenizer
@@ -81,6 +92,16 @@ class FusionInputs:
         }
 
 
+def patch_grid(directory: Path) -> int:
+    """Patches a side of the CLIP/SigLIP vision model in ``directory`` (1 when its config
+    does not say)."""
+    try:
+        vision = json.loads((directory / "config.json").read_text()).get("vision_config") or {}
+        return max(1, int(vision["image_size"]) // int(vision["patch_size"]))
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return 1
+
+
 def load_image_processor(directory: Path) -> Any:
     """The image processor of a CLIP/SigLIP folder, loaded as the teacher loads it (the
     folder's processor), so the CPU side and the model side pick the same class."""
@@ -92,17 +113,23 @@ def load_image_processor(directory: Path) -> Any:
 class ClipInputs:
     """A CLIP-family model's image input: the checkpoint's own image processor (resize,
     crop, rescale, normalise) -> float32 ``pixel_values`` (NCHW). The label prompts are
-    the model side's: they are encoded once per teacher, not per case."""
+    the model side's: they are encoded once per teacher, not per case.
+
+    ``min_image_side`` is the vision model's patch grid (input size / patch size, from the
+    folder's ``config.json``): an image with fewer pixels a side than the model has patches
+    is only blur once scaled up (a 3-pixel-high tile for a 7x7 grid)."""
 
     kind = "clip"
+    max_image_aspect: float | None = MAX_IMAGE_ASPECT
 
-    def __init__(self, image_processor: Any) -> None:
+    def __init__(self, image_processor: Any, min_image_side: int = 1) -> None:
         self.image_processor = image_processor
+        self.min_image_side = min_image_side
 
     @classmethod
     def from_pretrained(cls, directory: Path, spec: TeacherSpec | None = None) -> ClipInputs:
-        del spec  # everything is in the folder's processor files
-        return cls(load_image_processor(directory))
+        del spec  # everything is in the folder's processor and config files
+        return cls(load_image_processor(directory), patch_grid(directory))
 
     def pixel_values(self, images: Sequence[np.ndarray]) -> np.ndarray:
         # Decoded images are HxWx3; said explicitly, so an image 3 pixels high is not

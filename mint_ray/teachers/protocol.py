@@ -48,9 +48,14 @@ class Preprocessor(Protocol):
     shape and dtype on every call (an empty call included), so prepared rows can
     be stored, sliced and batched as fixed-shape tensors. A case it cannot take
     raises (the caller then tries the cases one by one).
+
+    ``min_image_side`` and ``max_image_aspect`` (None: any) say which decoded images
+    make sense to it; callers set the others aside before ``prepare``.
     """
 
     kind: str
+    min_image_side: int
+    max_image_aspect: float | None
 
     def prepare(self, cases: Sequence[Case]) -> dict[str, np.ndarray]:
         ...
