@@ -52,6 +52,27 @@ def _isolate_mlflow_uri() -> Iterator[None]:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
+def repo_copy(dest: Path, *paths: str) -> Path:
+    """A copy of some of the repository's files and folders under ``dest`` (to plant a mistake in)."""
+    import shutil
+
+    for rel in paths:
+        src, target = REPO / rel, dest / rel
+        if src.is_dir():
+            shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, target)
+    return dest
+
+
+def plant(path: Path, old: str, new: str) -> None:
+    """Replace the first ``old`` in the file with ``new`` (``old`` must be there)."""
+    text = path.read_text()
+    assert old in text, (path, old)
+    path.write_text(text.replace(old, new, 1))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.conftest import plant, repo_copy
 from tools import validate_manifests as vm
 
 # Ray Serve's schema module emits pydantic deprecation warnings on import.
@@ -488,19 +489,8 @@ def test_cli_reports_clean_tree(capsys: pytest.CaptureFixture) -> None:
 
 def _tree(tmp_path: Path) -> Path:
     """A copy of what the chain checks read: recipes, serve configs, cluster files, Terraform."""
-    import shutil
-
-    root = tmp_path / "repo"
-    for sub in ("jobs/recipes", "serving", "cluster/kubernetes", "infra/terraform"):
-        shutil.copytree(REPO / sub, root / sub, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "cluster" / "eksctl-cluster.yaml", root / "cluster" / "eksctl-cluster.yaml")
-    return root
-
-
-def _edit(path: Path, old: str, new: str) -> None:
-    text = path.read_text()
-    assert old in text, (path, old)
-    path.write_text(text.replace(old, new, 1))
+    return repo_copy(tmp_path / "repo", "jobs/recipes", "serving", "cluster/kubernetes", "infra/terraform",
+                     "cluster/eksctl-cluster.yaml")
 
 
 def _eksctl_problems(root: Path) -> list[str]:
@@ -514,46 +504,15 @@ def test_the_production_chain_checks_pass_on_the_tree() -> None:
     assert _eksctl_problems(REPO) == []
 
 
-CHAIN_MISTAKES = [
-    ("second-name-in-evaluation", "jobs/recipes/prod_evaluate_text.yaml", "models:/mint-rare-disease-text/latest",
-     "models:/mint-rare_disease-orpo/latest", vm.check_registry_names, "'mint-rare_disease-orpo'"),
-    ("second-name-in-training", "jobs/recipes/prod_vision_orpo.yaml", "log_every_n_steps: 10",
-     "registry: {name: mint-tissue_type-orpo}\nlog_every_n_steps: 10", vm.check_registry_names,
-     "registry.name names registered model 'mint-tissue_type-orpo'"),
-    ("second-name-in-promotion", "jobs/recipes/prod_promote_text.yaml", "alias: champion",
-     "alias: champion\nname: mint-rare_disease-orpo", vm.check_registry_names, "name names registered model"),
-    ("second-name-served", "serving/config.yaml", "models:/mint-rare-disease-text@champion",
-     "models:/mint-rare_disease@champion", vm.check_registry_names, "serves 'mint-rare_disease'"),
-    ("alias-nothing-sets", "cluster/kubernetes/rayservice.yaml", "mint-rare-disease-text@champion",
-     "mint-rare-disease-text@best", vm.check_registry_names, "alias @best, which no promotion recipe"),
-    ("literal-bucket", "jobs/recipes/prod_synth_data.yaml", '"${storage.root}/cohorts/rare_disease"',
-     "s3://mint-prod/cohorts/rare_disease", vm.check_prod_recipes, "names a bucket"),
-    ("bucket-in-storage-root", "jobs/recipes/prod_text_orpo.yaml", 'storage: {root: "${env:MINT_STORAGE_ROOT}"}',
-     "storage: {root: s3://mint-prod}", vm.check_prod_recipes, "storage.root must be"),
-    ("prefix-the-roles-cannot-touch", "jobs/recipes/prod_preferences_tissue.yaml", '"${storage.root}/models/plip"',
-     '"${storage.root}/weights/plip"', vm.check_prod_recipes, "under weights/, which the Ray roles cannot touch"),
-    ("models-not-readable", "infra/terraform/variables.tf", 'default     = ["raw", "models"]',
-     'default     = ["raw"]', vm.check_prod_recipes, "under models/, which the Ray roles cannot touch"),
-    ("recipe-without-rayjob", "cluster/kubernetes/rayjobs.yaml", "prod_promote_vision.yaml", "prod_promote_text.yaml",
-     vm.check_prod_recipes, "prod_promote_vision.yaml: no RayJob"),
-    ("gpu-group-without-accelerator-label", "cluster/eksctl-cluster.yaml",
-     "    labels:\n      k8s.amazonaws.com/accelerator: nvidia-tesla-a100\n", "", _eksctl_problems,
-     "ray-gpu-a100-x8: a GPU group without the k8s.amazonaws.com/accelerator label"),
-    ("serve-head-without-room-to-upgrade", "cluster/eksctl-cluster.yaml",
-     "    minSize: 1\n    maxSize: 2\n    desiredCapacity: 1\n    propagateASGTags: true\n    volumeSize: 100",
-     "    minSize: 1\n    maxSize: 1\n    desiredCapacity: 1\n    propagateASGTags: true\n    volumeSize: 100",
-     _eksctl_problems, "upgradeStrategy NewCluster"),
-    ("submitter-off-the-head-type", "cluster/kubernetes/rayjobs.yaml",
-     "        node.kubernetes.io/instance-type: m7i.4xlarge", "        node.kubernetes.io/instance-type: m7i.8xlarge",
-     _eksctl_problems, "the submitter must run on the head's"),
-]
+CHECKS: dict[str, Callable[[Path], list[str]]] = {
+    "check_registry_names": vm.check_registry_names, "check_prod_recipes": vm.check_prod_recipes,
+    "check_eksctl": _eksctl_problems}
+CHAIN_MISTAKES = yaml.safe_load((Path(__file__).parent / "chain_mistakes.yaml").read_text())
 
 
-@pytest.mark.parametrize(("name", "path", "old", "new", "check", "expected"), CHAIN_MISTAKES,
-                         ids=[m[0] for m in CHAIN_MISTAKES])
-def test_planted_mistake_in_the_production_chain_fails(name: str, path: str, old: str, new: str, check: Callable,
-                                                       expected: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mistake", CHAIN_MISTAKES, ids=[m["name"] for m in CHAIN_MISTAKES])
+def test_planted_mistake_in_the_production_chain_fails(mistake: dict[str, str], tmp_path: Path) -> None:
     root = _tree(tmp_path)
-    _edit(root / path, old, new)
-    problems = check(root)
-    assert any(expected in p for p in problems), problems
+    plant(root / mistake["file"], mistake["old"], mistake["new"])
+    problems = CHECKS[mistake["check"]](root)
+    assert any(mistake["expected"] in p for p in problems), problems

@@ -37,7 +37,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import LOCAL, REPO, free_port
+from tests.conftest import LOCAL, REPO, free_port, plant, repo_copy
 from tests.test_job_submit import RAY, submit
 from tools import iam_policy
 
@@ -351,16 +351,7 @@ def test_production_chain_end_to_end(chain: Rehearsal) -> None:
 
 def _checkout(tmp: Path) -> Path:
     """A copy of what `ray job submit` uploads (the job scripts, recipes and runtime_env)."""
-    shutil.copytree(REPO / "jobs", tmp / "jobs", ignore=shutil.ignore_patterns("__pycache__"))
-    (tmp / "cluster").mkdir()
-    shutil.copy(REPO / "cluster" / "runtime_env.yaml", tmp / "cluster" / "runtime_env.yaml")
-    return tmp
-
-
-def _plant(path: Path, old: str, new: str) -> None:
-    text = path.read_text()
-    assert old in text, (path, old)
-    path.write_text(text.replace(old, new, 1))
+    return repo_copy(tmp, "jobs", "cluster/runtime_env.yaml")
 
 
 def _overrides(recipe: str) -> list[str]:
@@ -383,7 +374,7 @@ def test_planted_recipe_faults_fail_their_steps(chain: Rehearsal, tmp_path: Path
     jobs = []
     for name, recipe, old, new, _ in RECIPE_FAULTS:
         checkout = _checkout(tmp_path / name)
-        _plant(checkout / "jobs" / "recipes" / recipe, old, new)
+        plant(checkout / "jobs" / "recipes" / recipe, old, new)
         jobs.append((recipe, [*_overrides(recipe), "storage.overwrite=true"], checkout))
     results = chain.run_at_once(jobs)
     for (name, _, _, _, expected), (status, logs) in zip(RECIPE_FAULTS, results, strict=True):
@@ -402,9 +393,8 @@ POLICY_FAULTS = [
                          ids=[f[0] for f in POLICY_FAULTS])
 def test_planted_policy_fault_fails_its_step(chain: Rehearsal, tmp_path: Path, name: str, tf_file: str, old: str,
                                              new: str, recipe: str, expected: str) -> None:
-    tf_dir = tmp_path / "terraform"
-    shutil.copytree(iam_policy.TERRAFORM, tf_dir)
-    _plant(tf_dir / tf_file, old, new)
+    tf_dir = repo_copy(tmp_path, "infra/terraform") / "infra" / "terraform"
+    plant(tf_dir / tf_file, old, new)
     chain.grant("ray-job", "ray_data", tf_dir)
     try:
         status, logs = chain.run(recipe, [*_overrides(recipe), "storage.overwrite=true"], timeout=600)
