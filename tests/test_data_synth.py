@@ -16,10 +16,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mint_ray import storage
+from mint_ray import hpo, storage
 from mint_ray.cli import main
 from mint_ray.config import build_config, load_config
-from mint_ray.data import SAMPLES_SCHEMA, hpo, rare_disease, splits, synth
+from mint_ray.data import SAMPLES_SCHEMA, rare_disease, splits, synth
 from mint_ray.errors import ConfigError, MintError
 from mint_ray.images import ImageLimits, decode_rgb
 from mint_ray.tasks import TISSUE_TYPES
