@@ -10,8 +10,9 @@ the answer tokens, and the chosen prompt when the NLL runs over it), ``chunk`` t
 at a time, inside one autograd Function that keeps no logits for backward: forward
 keeps one fp32 logsumexp per token, and backward recomputes one chunk's logits at a
 time. Peak extra memory is a few ``chunk x V`` buffers (the chunk's fp32 logits, the
-logsumexp's temporary, a low-precision copy under bf16), whatever the batch. Log-probabilities, logsumexps and weight gradients are
-accumulated in fp32; the matmuls run in the weights' dtype, as the plain head's do.
+logsumexp's temporary, a low-precision copy under bf16), whatever the batch.
+Log-probabilities, logsumexps and weight gradients are accumulated in fp32; the
+matmuls run in the weights' dtype, as the plain head's do.
 When no head weight needs a gradient (LoRA that leaves ``lm_head`` alone, the text
 recipe) forward also keeps, per token, ``W[target] - softmax @ W`` (``[tokens, hidden]``),
 which is what the input gradient is made of, so backward never recomputes logits.
