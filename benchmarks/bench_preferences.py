@@ -186,6 +186,7 @@ def run_pipeline(work: Path, cohort: str, teacher_uri: str, actors: int,
                  args: argparse.Namespace) -> dict[str, Any]:
     cfg = build_config(PreferencesConfig, {
         "task": "tissue_type", "cohort_uri": cohort, "output_uri": str(work / "out"),
+        "image_root": str(work),  # the cohorts reuse the base cohort's images beside them
         "teacher": {"uri": teacher_uri, "num_actors": actors, "batch_size": args.batch_size},
         "storage": {"overwrite": True}, "tracking": {"enabled": False},
         "ray": {"num_cpus": args.logical_cpus}})

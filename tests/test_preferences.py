@@ -9,10 +9,10 @@ trained teacher ranks well is the teachers' own test.
 
 from __future__ import annotations
 
-import io
 import json
 import statistics
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,67 +23,24 @@ from PIL import Image
 
 from mint_ray import storage
 from mint_ray.config import build_config
-from mint_ray.data import synth
 from mint_ray.errors import ConfigError, StorageError
 from mint_ray.images import ImageLimits, decode_rgb, resize
 from mint_ray.preferences import operators, schemas, validate
 from mint_ray.preferences.config import Config
+from mint_ray.preferences.fetch import ImageSource
 from mint_ray.preferences.operators import TeacherScorer
 from mint_ray.preferences.plan import catalog_names
 from mint_ray.preferences.run import ray_config, run
 from mint_ray.tasks import RARE_DISEASE, TISSUE_TYPE, TISSUE_TYPES
-from mint_ray.teachers import Case, load_teacher, save_teacher_dir
-from mint_ray.teachers.clip import ClipSettings, build_tiny_clip
-from mint_ray.teachers.fusion import FusionSettings, FusionTeacher
-from mint_ray.tokenizer import train_tokenizer
+from mint_ray.teachers import Case, load_teacher
+from tests.prefbuild import encode, local_ray, prefs_config, synth_cohort, tiny_teacher
 
 LIMITS = {"max_image_bytes": 60_000, "max_image_pixels": 100_000}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _ray() -> Any:
-    """One local Ray for the module (``address="local"``: never join another user's)."""
-    import ray
-
-    from mint_ray.ray_cluster import worker_env
-
-    ray.init(address="local", num_cpus=4, object_store_memory=512 * 2**20, include_dashboard=False,
-             runtime_env={"env_vars": worker_env()})
-    yield
-    ray.shutdown()
-
-
-def _synth(root: str, task: str, n: int) -> str:
-    uri = storage.join(root, "cohorts", task)
-    synth.run(build_config(synth.Config, {
-        "task": task, "output_uri": uri, "sizes": {"n_samples": n, "n_diseases": 30}, "image_size": 32,
-        "tracking": {"enabled": False}}))
-    return uri
-
-
-def _teacher(root: str, task: str, labels: list[str], notes: list[str]) -> str:
-    uri = storage.join(root, "teachers", task)
-    if task == "rare_disease":
-        tokenizer = train_tokenizer(notes, vocab_size=300)
-        teacher: Any = FusionTeacher.build(
-            FusionSettings(vocab_size=300, text_dim=16, text_layers=1, image_size=32, cnn_channels=[8],
-                           hidden=16), tokenizer, name="rd-test", task=task, labels=labels)
-    else:
-        teacher = build_tiny_clip(ClipSettings(vocab_size=300, hidden_size=32, intermediate_size=64,
-                                               layers=1, projection_dim=32, image_size=32, patch_size=8),
-                                  name="tt-test", task=task, labels=labels)
-    save_teacher_dir(teacher, uri)
-    return uri
-
-
-def _png(pixels: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _cfg(**values: Any) -> Config:
-    return build_config(Config, {"tracking": {"enabled": False}, **values})
+def _ray() -> Iterator[None]:
+    yield from local_ray()
 
 
 @pytest.fixture(scope="module")
@@ -91,17 +48,17 @@ def rare(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A synth cohort with bad rows of every kind planted, in two files (the second with
     wrong column types), and the reason each bad row must get."""
     root = str(tmp_path_factory.mktemp("rare"))
-    clean = _synth(root, "rare_disease", 60)
+    clean = synth_cohort(root, "rare_disease", 60)
     table = storage.read_dataset(clean)
     labels = catalog_names(storage.read_manifest(clean).meta)
-    teacher = _teacher(root, "rare_disease", labels, table.column("note").to_pylist())
+    teacher = tiny_teacher(root, "rare_disease", labels, table.column("note").to_pylist())
     good = next(row for row in table.to_pylist() if row["split"] == "train")
     real_png = storage.read_bytes(good["image_uri"])
     rng = np.random.default_rng(0)
     files = {"corrupt.png": b"\x89PNG\r\n\x1a\n" + bytes(rng.integers(0, 255, 300, dtype=np.uint8)),
              "truncated.png": real_png[: len(real_png) // 2],
-             "large.png": _png(rng.integers(0, 255, (160, 160, 3), dtype=np.uint8)),  # ~77 kB
-             "pixels.png": _png(np.full((400, 400, 3), 200, np.uint8))}  # 160k px, ~1 kB
+             "large.png": encode(rng.integers(0, 255, (160, 160, 3), dtype=np.uint8)),  # ~77 kB
+             "pixels.png": encode(np.full((400, 400, 3), 200, np.uint8))}  # 160k px, ~1 kB
     for name, data in files.items():
         storage.write_bytes(storage.join(root, "bad", name), data)
     assert len(files["large.png"]) > LIMITS["max_image_bytes"] > len(files["pixels.png"])
@@ -144,7 +101,7 @@ def planted_run(rare: dict[str, Any]) -> dict[str, Any]:
     cfg = build_config(Config, {
         "task": "rare_disease", "cohort_uri": rare["cohort"], "output_uri": out, "splits": ["train", "test"],
         "teacher": {"uri": rare["teacher"], "batch_size": 16}, "limits": LIMITS, "block_rows": 32,
-        "storage": {"root": rare["root"]}})
+        "image_root": rare["root"], "storage": {"root": rare["root"]}})  # the images are the clean cohort's
     return {"cfg": cfg, "summary": run(cfg), "out": out}
 
 
@@ -277,16 +234,16 @@ def test_tissue_pairs_load_as_a_trl_preference_dataset(tmp_path: Path) -> None:
     import datasets
 
     root = str(tmp_path)
-    clean = _synth(root, "tissue_type", 24)
+    clean = synth_cohort(root, "tissue_type", 24)
     table = storage.read_dataset(clean)
     no_image = table.slice(0, 1).to_pylist()[0] | {"sample_id": "no-image", "image_uri": None}
-    # A new cohort beside it: the images live in the clean cohort's version folder.
+    # A new cohort beside it: the images are the clean cohort's, inside the image root.
     cohort = storage.join(root, "cohorts", "with-gap")
     storage.write_dataset(cohort, pa.concat_tables([table, pa.Table.from_pylist([no_image], table.schema)]),
                           meta=storage.read_manifest(clean).meta)
-    teacher = _teacher(root, "tissue_type", list(TISSUE_TYPES), [])
-    s = run(_cfg(task="tissue_type", cohort_uri=cohort, teacher={"uri": teacher, "batch_size": 8},
-                 block_rows=8, storage={"root": root}))
+    teacher = tiny_teacher(root, "tissue_type", list(TISSUE_TYPES), [])
+    s = run(prefs_config(task="tissue_type", cohort_uri=cohort, teacher={"uri": teacher, "batch_size": 8},
+                         block_rows=8, image_root=storage.join(root, "cohorts"), storage={"root": root}))
     assert (s["rows_in"], s["pairs"], s["quarantined"]) == (25, 24, {"missing_image": 1})
     ds = datasets.Dataset(storage.read_dataset(s["output_uri"]))
     assert {"prompt", "chosen", "rejected", "sample_id", "image_uri", "label", "teacher_ranking",
@@ -333,16 +290,19 @@ def test_decoded_blocks_hold_whole_batches_and_about_block_bytes(tmp_path: Path)
         Image.fromarray(picture).save(path)
         pictures.append(picture)
         rows.append({"sample_id": f"s{i}", "task": "tissue_type", "split": "train", "note": None,
-                     "image_uri": str(path) if i != 3 else str(tmp_path / "gone.png"),
-                     "label": TISSUE_TYPES[0], "type_error": None, "duplicate": False})
+                     "image_uri": path.name if i != 3 else str(tmp_path / "gone.png"),  # relative or not
+                     "label": TISSUE_TYPES[0], "source_file": "part-0.parquet", "source_row": i,
+                     "invalid_utf8": None, "type_error": None, "duplicate": False})
     rules = validate.Rules(task="tissue_type", labels=frozenset(TISSUE_TYPES), splits=frozenset(["train"]),
                            needs_note=False, needs_image=True, max_image_bytes=10**6, max_image_pixels=10**6)
-    blocks = list(operators.prepare(pa.Table.from_pylist(rows), rules, _Thumbnails(), io_threads=4,
+    source = ImageSource.for_cohort(str(tmp_path), None, timeout_s=30)
+    blocks = list(operators.prepare(pa.Table.from_pylist(rows), rules, source, _Thumbnails(), io_threads=4,
                                     batch_rows=2, block_bytes=5000))
     # Rows of 2028 bytes: two batches of 2 pass 5000 bytes; the last batch alone does.
     assert [b.num_rows for b in blocks] == [4, 4, 2]
     table = pa.concat_tables(blocks)
     assert table.column("sample_id").to_pylist() == [f"s{i}" for i in range(10)]
+    assert table.column("image_uri").to_pylist()[:2] == [str(tmp_path / "0.png"), str(tmp_path / "1.png")]
     images = schemas.input_arrays(table)["image"]
     assert table.column("reason")[3].as_py() == "missing_image" and not images[3].any()
     assert all(np.array_equal(images[i], resize(pictures[i], 26)) for i in range(10) if i != 3)
@@ -355,12 +315,12 @@ def test_the_teacher_pool_gets_blocks_of_about_block_bytes(tmp_path: Path) -> No
     import pyarrow.parquet as pq
 
     root = str(tmp_path)
-    cohort = _synth(root, "tissue_type", 24)
-    teacher = _teacher(root, "tissue_type", list(TISSUE_TYPES), [])
+    cohort = synth_cohort(root, "tissue_type", 24)
+    teacher = tiny_teacher(root, "tissue_type", list(TISSUE_TYPES), [])
     # The CLIP teacher's pixel values, 3x32x32 float32 = 12 288 bytes a row: batches of 4
     # rows, so 2 batches pass 80 000 bytes.
-    s = run(_cfg(task="tissue_type", cohort_uri=cohort, block_rows=24, block_bytes=80_000, rows_per_file=1,
-                 teacher={"uri": teacher, "batch_size": 4, "num_actors": 2}, storage={"root": root}))
+    s = run(prefs_config(task="tissue_type", cohort_uri=cohort, block_rows=24, block_bytes=80_000, rows_per_file=1,
+                         teacher={"uri": teacher, "batch_size": 4, "num_actors": 2}, storage={"root": root}))
     files = storage.read_manifest(s["output_uri"]).files
     sizes = sorted(pq.read_metadata(f).num_rows for f in files)
     assert (s["rows_in"], sizes) == (24, [8, 8, 8])
@@ -380,17 +340,18 @@ def test_config_errors_name_the_fix(rare: dict[str, Any], tmp_path: Path) -> Non
     base = {"task": "rare_disease", "cohort_uri": rare["cohort"], "teacher": {"uri": rare["teacher"]},
             "output_uri": str(tmp_path / "never")}
     with pytest.raises(ConfigError, match="decode_num_cpus"):
-        _cfg(**base, decode_num_cpus=1)
+        prefs_config(**base, decode_num_cpus=1)
     with pytest.raises(ConfigError, match="unknown split"):
-        _cfg(**base, splits=["train", "dev"])
+        prefs_config(**base, splits=["train", "dev"])
     with pytest.raises(ConfigError, match=r"must contain \{n\}"):
-        _cfg(**base, prompt={"instruction": "List diseases."})
+        prefs_config(**base, prompt={"instruction": "List diseases."})
     with pytest.raises(ConfigError, match="need 40 distinct labels but the teacher scores 30"):
-        run(_cfg(**base, pairs={"pairs_per_case": 3}))
+        run(prefs_config(**base, pairs={"pairs_per_case": 3}))
     with pytest.raises(ConfigError, match="trained for task 'rare_disease'"):
-        run(_cfg(**{**base, "task": "tissue_type"}))
+        run(prefs_config(**{**base, "task": "tissue_type"}))
     with pytest.raises(ConfigError, match=r"ray\.num_cpus=2 leaves no CPU"):
-        ray_config(_cfg(**{**base, "teacher": {"uri": rare["teacher"], "num_actors": 2}}, ray={"num_cpus": 2}))
+        ray_config(prefs_config(**{**base, "teacher": {"uri": rare["teacher"], "num_actors": 2}},
+                                ray={"num_cpus": 2}))
     assert not storage.exists(str(tmp_path / "never"))
 
 
@@ -406,14 +367,14 @@ def test_both_tasks_build_from_s3_to_s3(s3_bucket: str, tmp_path: Path) -> None:
     ray.init(address="local", num_cpus=4, object_store_memory=512 * 2**20, include_dashboard=False,
              runtime_env={"env_vars": worker_env()})
     for task, n in (("rare_disease", 40), ("tissue_type", 30)):
-        cohort = _synth(s3_bucket, task, n)
+        cohort = synth_cohort(s3_bucket, task, n)
         table = storage.read_dataset(cohort)
         labels = catalog_names(storage.read_manifest(cohort).meta)
-        teacher = _teacher(s3_bucket, task, labels, table.column("note").to_pylist() if task == "rare_disease"
+        teacher = tiny_teacher(s3_bucket, task, labels, table.column("note").to_pylist() if task == "rare_disease"
                            else [])
         out = f"{s3_bucket}/preferences/{task}"
-        s = run(_cfg(task=task, cohort_uri=cohort, teacher={"uri": teacher, "batch_size": 16}, output_uri=out,
-                     pairs={"k": 5, "q": 5}, storage={"root": str(tmp_path)}))
+        s = run(prefs_config(task=task, cohort_uri=cohort, teacher={"uri": teacher, "batch_size": 16},
+                             output_uri=out, pairs={"k": 5, "q": 5}, storage={"root": str(tmp_path)}))
         assert (s["rows_in"], s["pairs"], s["quarantined"]) == (n, n, {})
         manifest = storage.read_manifest(out)
         assert all(f.startswith(f"{out}/v-") for f in manifest.files)

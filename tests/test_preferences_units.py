@@ -5,18 +5,24 @@ The end-to-end runs on a real local Ray are in ``test_preferences.py``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from mint_ray.config import build_config
 from mint_ray.errors import ConfigError, MintError
-from mint_ray.preferences import accounting, operators, plan, schemas
+from mint_ray.preferences import accounting, operators, plan, schemas, validate
 from mint_ray.preferences.config import Config
 from mint_ray.preferences.pairs import PairRule
 from mint_ray.preferences.validate import Verdict
-from mint_ray.tasks import RARE_DISEASE, TISSUE_TYPE
+from mint_ray.tasks import MAX_NOTE_CHARS, RARE_DISEASE, TISSUE_TYPE
 from mint_ray.teachers.protocol import Case
+
+_RULES = validate.Rules(task="rare_disease", labels=frozenset({"A", "B"}), splits=frozenset({"train"}),
+                        needs_note=True, needs_image=False, max_image_bytes=100, max_image_pixels=100,
+                        max_note_chars=10, min_image_side=4, max_image_aspect=16)
 
 
 def _cfg(**values: object) -> Config:
@@ -34,13 +40,44 @@ def test_coerce_chunk_turns_wrong_types_into_marked_nulls() -> None:
         "label": pa.array([1, None, 3], pa.int64()),
         "extra": [1, 2, 3],
     })  # no note, no image_uri
-    table, errors = schemas.coerce_chunk(batch)
+    table, bad_text, errors = schemas.coerce_chunk(batch)
     assert table.schema == pa.schema([(name, pa.string()) for name in schemas.INPUT_FIELDS])
     assert table.column("sample_id").to_pylist() == ["a", "b", "c"]
     assert table.column("task").to_pylist() == ["rare_disease"] * 3
     assert table.column("label").to_pylist() == table.column("note").to_pylist() == [None] * 3
     # Only the rows that had a value in the wrong-typed column are marked.
-    assert errors == ["label: int64", None, "label: int64"]
+    assert errors == ["label: int64", None, "label: int64"] and bad_text == [None] * 3
+
+
+def _not_utf8(values: list[bytes | None]) -> pa.Array:
+    """Bytes in a string column, as a Parquet file written without checks holds them."""
+    return pa.array(values, pa.binary()).view(pa.string())
+
+
+@pytest.mark.parametrize("column", ["sample_id", "task", "split", "note", "image_uri", "label", "meta"])
+def test_text_that_is_not_utf8_is_a_marked_null_in_any_column(column: str) -> None:
+    """Latin-1 (caf\xe9), a CESU-8 surrogate, a lone continuation byte and a truncated
+    sequence, in every text column, plain, large or dictionary-encoded: marked by column
+    name, the value read as null, the other rows untouched."""
+    bad = [b"caf\xe9", b"ok", b"\xed\xa0\x80", None, b"\x80", "é".encode()[:1]]
+    rows = len(bad)
+    good = {name: pa.array([f"{name}-{i}" for i in range(rows)]) for name in validate.TEXT_COLUMNS}
+    for encode in (lambda a: a, lambda a: a.cast(pa.large_string()), lambda a: a.dictionary_encode()):
+        batch = pa.table({**good, column: encode(_not_utf8(bad))})
+        table, bad_text, errors = schemas.coerce_chunk(batch)
+        assert bad_text == [column, None, column, None, column, column] and errors == [None] * rows
+        if column in schemas.INPUT_FIELDS:
+            assert table.column(column).to_pylist() == [None, "ok", None, None, None, None]
+        table.to_pylist()  # nothing left that Python cannot decode
+        assert table.column("split" if column != "split" else "task").to_pylist()[1].endswith("-1")
+
+
+def test_a_row_bad_in_several_columns_names_each_never_the_text() -> None:
+    batch = pa.table({"sample_id": _not_utf8([b"\xff"]), "note": _not_utf8([b"secret \xe9"]), "label": [3]})
+    _, bad_text, errors = schemas.coerce_chunk(batch)
+    assert bad_text == ["sample_id, note"] and errors == ["label: int64"]
+    verdict = validate.check_row({"invalid_utf8": bad_text[0], "type_error": errors[0]}, _RULES)
+    assert verdict == Verdict("invalid_utf8", "not UTF-8: sample_id, note") and "secret" not in verdict.detail
 
 
 def test_tensor_columns_round_trip_as_views() -> None:
@@ -63,7 +100,8 @@ def test_tensor_columns_round_trip_as_views() -> None:
 
 def test_prepared_tables_carry_rows_verdicts_and_teacher_inputs() -> None:
     rows = pa.table({"sample_id": ["a", "b"], "split": ["train"] * 2, "note": ["x", None],
-                     "image_uri": [None, "/i.png"], "label": [None, "A"], "other": [1, 2]})
+                     "image_uri": [None, "/i.png"], "label": [None, "A"], "source_file": ["/c/p.parquet"] * 2,
+                     "source_row": [0, 1], "other": [1, 2]})
     inputs = {"input_ids": np.arange(8, dtype=np.int32).reshape(2, 4), "present": np.array([True, False]),
               "pixels": np.ones((2, 3, 2, 2), np.float32)}
     table = schemas.prepared_table(rows, [None, Verdict("missing_image", "no file")], inputs)
@@ -87,6 +125,40 @@ def test_pair_schema_follows_the_task_modality() -> None:
     assert union.names[:len(text.names)] == text.names
     assert {"stage", "reason", "detail", "kind", "case_paired", "dropped_pairs", "scored_at"} <= set(union.names)
     assert set(schemas.QUARANTINE_SCHEMA.names) <= set(union.names)
+
+
+# ---------------------------------------------------------------- row checks
+
+
+def _row(**change: object) -> dict[str, object]:
+    return {"sample_id": "a", "task": "rare_disease", "split": "train", "note": "Seizures", "image_uri": None,
+            "label": "A", "invalid_utf8": None, "type_error": None, "duplicate": False, **change}
+
+
+def test_row_checks_quote_values_briefly_and_limit_notes() -> None:
+    assert validate.check_row(_row(), _RULES) is None
+    assert validate.check_row(_row(note="x" * 10), _RULES) is None
+    too_long = validate.check_row(_row(note="Seizures " * 2), _RULES)
+    assert too_long == Verdict("note_too_long", "18 characters > max_note_chars 10")
+    # Over the limit in a task that does not read notes too: the contract's notes are bounded.
+    assert validate.check_row(_row(note="x" * 11), validate.Rules(**{**_RULES.__dict__, "needs_note": False}))
+    huge = "t" * 100_000
+    for field, reason in (("task", "wrong_task"), ("split", "unknown_split"), ("label", "unknown_label")):
+        verdict = validate.check_row(_row(**{field: huge}), _RULES)
+        assert verdict.reason == reason and len(verdict.detail) < 200 and "100000 chars" in verdict.detail
+    assert validate.check_row(_row(invalid_utf8="note"), _RULES).reason == "invalid_utf8"  # first of all
+    assert set(validate.QUARANTINE_REASONS) >= {"invalid_utf8", "note_too_long", "invalid_image_uri",
+                                                "image_outside_cohort", "unreadable_image", "image_read_timeout",
+                                                "image_too_small", "extreme_aspect_ratio"}
+
+
+def test_image_shape_checks_follow_the_teachers_needs() -> None:
+    assert validate.check_image_shape(4, 4, _RULES) is None and validate.check_image_shape(4, 64, _RULES) is None
+    assert validate.check_image_shape(3, 64, _RULES).reason == "image_too_small"
+    assert validate.check_image_shape(64, 1, _RULES).reason == "image_too_small"
+    assert validate.check_image_shape(4, 65, _RULES).reason == "extreme_aspect_ratio"
+    anything = validate.Rules(**{**_RULES.__dict__, "min_image_side": 1, "max_image_aspect": None})
+    assert validate.check_image_shape(1, 10_000, anything) is None
 
 
 # ---------------------------------------------------------------- the plan
@@ -118,6 +190,13 @@ def test_validation_rules_need_what_the_task_or_teacher_reads() -> None:
     assert rules.labels == {"a", "b"} and rules.splits == {"train"}
     text = plan.validation_rules(_cfg(), RARE_DISEASE, info)
     assert text.needs_note and text.needs_image  # the teacher requires images
+    assert (text.max_note_chars, text.min_image_side, text.max_image_aspect) == (MAX_NOTE_CHARS, 1, None)
+
+    class Inputs:
+        kind, min_image_side, max_image_aspect = "test", 7, 16.0
+
+    sized = plan.validation_rules(_cfg(limits={"max_note_chars": 99}), RARE_DISEASE, info, Inputs())
+    assert (sized.max_note_chars, sized.min_image_side, sized.max_image_aspect) == (99, 7, 16.0)
 
 
 # ---------------------------------------------------------------- accounting
@@ -247,3 +326,23 @@ def test_teacher_inputs_fill_usable_rows_and_let_a_bad_case_cost_only_itself() -
         operators.teacher_inputs(_NoteLengths(), [Case(note="boom")] * 2, rows=[0, 1], n=2)
     arrays, errors = operators.teacher_inputs(_NoteLengths(), [], rows=[], n=2)
     assert arrays["length"].shape == (2, 1) and errors == []
+
+
+def test_the_teachers_cpu_side_says_which_images_it_can_use(tmp_path: Path) -> None:
+    """A CLIP side needs a pixel per patch a side (32 px input, 8 px patches: 4), read from
+    the folder's config without weights; the fusion side a pixel per pooling cell."""
+    from mint_ray.teachers import save_teacher_dir
+    from mint_ray.teachers.clip import ClipSettings, build_tiny_clip
+    from mint_ray.teachers.inputs import MAX_IMAGE_ASPECT, POOL_GRID, FusionInputs
+    from mint_ray.teachers.loader import load_preprocessor
+
+    clip = build_tiny_clip(ClipSettings(vocab_size=300, hidden_size=32, intermediate_size=64, layers=1,
+                                        projection_dim=32, image_size=32, patch_size=8),
+                           name="t", task="tissue_type", labels=["a", "b"])
+    save_teacher_dir(clip, str(tmp_path / "clip"))
+    cpu_side = load_preprocessor(str(tmp_path / "clip"))
+    assert (cpu_side.min_image_side, cpu_side.max_image_aspect) == (4, MAX_IMAGE_ASPECT) == \
+        (clip.inputs.min_image_side, clip.inputs.max_image_aspect)
+    assert (FusionInputs.min_image_side, FusionInputs.max_image_aspect) == (POOL_GRID, MAX_IMAGE_ASPECT)
+    (tmp_path / "clip" / "config.json").write_text("{}")  # a config that does not say: no minimum
+    assert load_preprocessor(str(tmp_path / "clip")).min_image_side == 1

@@ -11,7 +11,7 @@ from pydantic import Field, field_validator, model_validator
 from mint_ray import storage
 from mint_ray.config import RayConfig, StorageConfig, StrictModel, TrackingConfig
 from mint_ray.preferences import validate
-from mint_ray.tasks import TaskName
+from mint_ray.tasks import MAX_NOTE_CHARS, TaskName
 
 # Logical CPUs of the reader (one long task) and of the pair+write tasks. They differ
 # from the decode tasks' so Ray Data never fuses decoding into the single reader.
@@ -59,10 +59,13 @@ class PromptConfig(StrictModel):
 
 
 class InputLimitsConfig(StrictModel):
-    """Images over these are quarantined (bytes before reading, pixels before decoding)."""
+    """Rows over these are quarantined: images (bytes before reading, pixels before decoding,
+    reads past the deadline) and notes (the task's limit, the one the server refuses over)."""
 
     max_image_bytes: int = Field(16 * 2**20, gt=0)
     max_image_pixels: int = Field(4096 * 4096, gt=0)
+    max_note_chars: int = Field(MAX_NOTE_CHARS, gt=0, description="longer notes are quarantined, never cut")
+    image_read_timeout_s: float = Field(60, gt=0, description="one image read's deadline")
 
 
 class Config(StrictModel):
@@ -72,6 +75,9 @@ class Config(StrictModel):
     cohort_uri: str
     teacher: TeacherConfig
     output_uri: str | None = Field(None, description="default: <storage.root>/preferences/<task>")
+    image_root: str | None = Field(None, description=(
+        "images must lie inside this folder (local or s3://); default: the cohort's own folder. "
+        "Relative image_uri values are taken inside the cohort's folder either way"))
     splits: list[str] = Field(default_factory=lambda: list(validate.SPLITS), min_length=1)
     pairs: PairsConfig = PairsConfig()
     prompt: PromptConfig = PromptConfig()

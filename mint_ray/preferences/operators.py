@@ -1,16 +1,21 @@
 """The Ray Data operators of the preference stage, in stream order.
 
-1. ``read``     one task streams the ``samples`` table (``storage.iter_batches``) and
+1. ``read``     one task streams the ``samples`` table (``storage.iter_file_batches``) and
                 coerces every chunk to the contract's types: a column of the wrong
-                type becomes nulls plus a ``wrong_type`` mark, so files with drifting
-                schemas never fail the run. One reader sees every ``sample_id``, so it
-                also marks repeats (``duplicate_id``).
-2. ``prepare``  CPU tasks check each row (``validate.check_row``), fetch its image
-                (``io_threads`` threads: S3 GETs are latency-bound), decode it
-                (``validate.decode_checked``) and run the teacher's CPU step on the
-                usable rows (its :class:`~mint_ray.teachers.protocol.Preprocessor`,
-                loaded without weights: tokenising, resizing, normalising) into
-                fixed-size arrays, carried as tensor columns.
+                type becomes nulls plus a ``wrong_type`` mark, a value that is not
+                UTF-8 a null plus an ``invalid_utf8`` mark, so files with drifting
+                schemas or bad bytes never fail the run. Each row keeps its file and
+                position there. One reader sees every ``sample_id``, so it also marks
+                repeats (``duplicate_id``).
+2. ``prepare``  CPU tasks check each row (``validate.check_row``), resolve its image URI
+                against the cohort and read it (:mod:`mint_ray.preferences.fetch`:
+                confined, under a deadline, ``io_threads`` threads: S3 GETs are
+                latency-bound), decode it (``validate.decode_checked``), check it is an
+                image the teacher can use (``validate.check_image_shape``) and run the
+                teacher's CPU step on the usable rows (its
+                :class:`~mint_ray.teachers.protocol.Preprocessor`, loaded without
+                weights: tokenising, resizing, normalising) into fixed-size arrays,
+                carried as tensor columns. Pairs name the resolved image URI.
 3. ``score``    the teacher in an actor pool (``ActorPoolStrategy(size=num_actors)``,
                 ``num_gpus_per_actor`` each; CPU threads when none) runs only the
                 model (``score_prepared``) and scores every label.
@@ -26,19 +31,18 @@ protocol only, never a kind's module.
 
 from __future__ import annotations
 
-import functools
-import math
 import time
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from mint_ray import storage
-from mint_ray.errors import MintError, StorageError
+from mint_ray.errors import MintError
 from mint_ray.preferences import validate
+from mint_ray.preferences.fetch import ImageSource, fetch_images
 from mint_ray.preferences.pairs import build_pairs, rank
 from mint_ray.preferences.plan import PairPlan, TeacherInfo
 from mint_ray.preferences.schemas import (
@@ -63,42 +67,26 @@ def read_cohort(items: pa.Table, chunk_rows: int) -> Iterator[pa.Table]:
     """Stream the cohort at each item's ``uri`` as coerced chunks (a generator UDF)."""
     for uri in items.column("uri").to_pylist():
         seen: set[str] = set()
-        for batch in storage.iter_batches(uri, batch_size=chunk_rows):
-            table, type_errors = coerce_chunk(batch)
+        position: dict[str, int] = {}  # rows read so far per file
+        for file, batch in storage.iter_file_batches(uri, batch_size=chunk_rows):
+            table, bad_text, type_errors = coerce_chunk(batch)
+            start = position.get(file, 0)
+            position[file] = start + batch.num_rows
             duplicate = []
             for sid in table.column("sample_id").to_pylist():
                 duplicate.append(sid in seen)
                 if sid:
                     seen.add(sid)
-            yield table.append_column("type_error", pa.array(type_errors, TEXT)).append_column(
-                "duplicate", pa.array(duplicate, pa.bool_()))
+            columns = {"source_file": pa.repeat(pa.scalar(file, TEXT), batch.num_rows),
+                       "source_row": pa.array(range(start, start + batch.num_rows), pa.int64()),
+                       "invalid_utf8": pa.array(bad_text, TEXT), "type_error": pa.array(type_errors, TEXT),
+                       "duplicate": pa.array(duplicate, pa.bool_())}
+            for name, column in columns.items():
+                table = table.append_column(name, column)
+            yield table
 
 
 # ---------------------------------------------------------------- 2. prepare
-
-
-def fetch_image(uri: str, rules: validate.Rules) -> tuple[bytes | None, validate.Verdict | None]:
-    """Read one image's bytes; a missing or oversized file is a verdict, a store failure an error."""
-    try:
-        fs, path = storage.filesystem(uri)
-    except StorageError as err:  # a scheme no store serves: this row's problem, not the run's
-        return None, validate.Verdict("missing_image", str(err))
-    try:
-        with fs.open_input_file(path) as f:
-            too_large = validate.check_image_size(f.size(), rules)
-            if too_large:
-                return None, too_large
-            return f.read(), None
-    except FileNotFoundError:
-        return None, validate.Verdict("missing_image", "no file at image_uri")
-    except IsADirectoryError:
-        return None, validate.Verdict("missing_image", "image_uri is a folder")
-
-
-@functools.lru_cache(maxsize=1)
-def _io_pool(threads: int) -> ThreadPoolExecutor:
-    """One fetch pool per worker process, kept across its tasks."""
-    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mint-fetch")
 
 
 def batch_or_each_alone(step: Callable[[list[int]], list[Outcome]], n: int) -> list[Outcome]:
@@ -144,34 +132,44 @@ def teacher_inputs(inputs: Preprocessor, cases: list[Case], rows: list[int],
     return out, errors
 
 
-def _prepare_rows(batch: pa.Table, rules: validate.Rules, inputs: Preprocessor, io_threads: int) -> pa.Table:
+def _prepare_rows(batch: pa.Table, rules: validate.Rules, source: ImageSource, inputs: Preprocessor,
+                  io_threads: int) -> pa.Table:
     rows = batch.to_pylist()
     verdicts: list[validate.Verdict | None] = [validate.check_row(row, rules) for row in rows]
-    wanted = [i for i, (row, v) in enumerate(zip(rows, verdicts, strict=True))
-              if v is None and row["image_uri"]]
+    resolved: list[str | None] = [None] * len(rows)
+    wanted = []
+    for i, row in enumerate(rows):
+        if verdicts[i] is None and (row["image_uri"] or "").strip():
+            resolved[i], verdicts[i] = source.resolve(row["image_uri"])
+            if verdicts[i] is None:
+                wanted.append(i)
     images: list[np.ndarray | None] = [None] * len(rows)
-    # Threads only fetch (S3 GETs wait on the network, without the GIL), one slice of rows
-    # each; decoding holds the GIL, so it runs here: spread over the threads it cost 3x the
-    # CPU in lock contention.
-    def fetch_slice(indices: list[int]) -> list[tuple[bytes | None, validate.Verdict | None]]:
-        return [fetch_image(rows[j]["image_uri"], rules) for j in indices]
-
-    step = max(1, math.ceil(len(wanted) / io_threads))
-    slices = [wanted[i:i + step] for i in range(0, len(wanted), step)]
-    fetched = [result for part in _io_pool(io_threads).map(fetch_slice, slices) for result in part]
+    # Threads only fetch; decoding holds the GIL, so it runs here: spread over the threads
+    # it cost 3x the CPU in lock contention.
+    fetched = fetch_images(source, [resolved[i] for i in wanted], rules, io_threads)  # type: ignore[misc]
     for i, (data, verdict) in zip(wanted, fetched, strict=True):
         images[i], verdicts[i] = validate.decode_checked(data, rules) if data is not None else (None, verdict)
+        if images[i] is not None:
+            verdicts[i] = validate.check_image_shape(*images[i].shape[:2], rules)  # type: ignore[union-attr]
     usable = [i for i, v in enumerate(verdicts) if v is None]
     cases = [Case(note=rows[i]["note"], image=images[i]) for i in usable]
     arrays, errors = teacher_inputs(inputs, cases, usable, len(rows))
     for i, error in zip(usable, errors, strict=True):
         if error is not None:
             verdicts[i] = validate.Verdict("teacher_error", f"prepare: {error}", stage="teacher")
-    return prepared_table(batch, verdicts, arrays)
+    # Pairs name the image they were built from (resolved), the quarantine what the cohort
+    # says; only usable rows carry their note on (a set-aside row's note is never written).
+    usable_mask = pa.array([v is None for v in verdicts])
+    uris = [resolved[i] if verdicts[i] is None and resolved[i] else row["image_uri"] for i, row in enumerate(rows)]
+    rows_table = batch.set_column(batch.schema.get_field_index("image_uri"), "image_uri", pa.array(uris, TEXT))
+    note_index = rows_table.schema.get_field_index("note")
+    rows_table = rows_table.set_column(note_index, "note", pc.if_else(usable_mask, rows_table.column("note"),
+                                                                      pa.nulls(len(rows), TEXT)))
+    return prepared_table(rows_table, verdicts, arrays)
 
 
-def prepare(batch: pa.Table, rules: validate.Rules, inputs: Preprocessor, io_threads: int, batch_rows: int,
-            block_bytes: int) -> Iterator[pa.Table]:
+def prepare(batch: pa.Table, rules: validate.Rules, source: ImageSource, inputs: Preprocessor, io_threads: int,
+            batch_rows: int, block_bytes: int) -> Iterator[pa.Table]:
     """Check rows, fetch and decode images (threads overlap the fetches) and run the teacher's
     CPU step, a teacher batch at a time; the decoded images are dropped once prepared.
     Yields blocks of whole teacher batches that hold about ``block_bytes`` of prepared
@@ -179,7 +177,7 @@ def prepare(batch: pa.Table, rules: validate.Rules, inputs: Preprocessor, io_thr
     pending: list[pa.Table] = []
     size = 0
     for start in range(0, batch.num_rows, batch_rows):
-        part = _prepare_rows(batch.slice(start, batch_rows), rules, inputs, io_threads)
+        part = _prepare_rows(batch.slice(start, batch_rows), rules, source, inputs, io_threads)
         pending.append(part)
         size += input_bytes(part)
         if size >= block_bytes:
@@ -298,4 +296,5 @@ def pair_rows(batch: pa.Table, plan: PairPlan) -> pa.Table:
 def _set_aside(row: dict[str, Any], stage: str, reason: str, detail: str | None) -> dict[str, Any]:
     return {"sample_id": row["sample_id"], "split": row["split"], "label": row["label"],
             "image_uri": row["image_uri"], "stage": stage, "reason": reason, "detail": detail,
+            "source_file": row["source_file"], "source_row": row["source_row"],
             "kind": "set_aside", "dropped_pairs": 0, "scored_at": row["scored_at"]}

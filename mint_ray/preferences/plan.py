@@ -19,6 +19,7 @@ from mint_ray.preferences import validate
 from mint_ray.preferences.config import Config
 from mint_ray.preferences.pairs import PairRule
 from mint_ray.tasks import Task, get_task
+from mint_ray.teachers.protocol import Preprocessor
 
 
 @dataclass(frozen=True)
@@ -115,9 +116,14 @@ def pair_rule(cfg: Config, task: Task, n_labels: int) -> PairRule:
     return rule
 
 
-def validation_rules(cfg: Config, task: Task, teacher: TeacherInfo) -> validate.Rules:
+def validation_rules(cfg: Config, task: Task, teacher: TeacherInfo,
+                     inputs: Preprocessor | None = None) -> validate.Rules:
+    """What a usable row is; ``inputs`` (the teacher's CPU side) adds the images it can use."""
     return validate.Rules(
         task=task.name, labels=frozenset(teacher.labels), splits=frozenset(cfg.splits),
         needs_note=task.modality == "text" or "note" in teacher.requires,
         needs_image=task.modality == "image" or "image" in teacher.requires,
-        max_image_bytes=cfg.limits.max_image_bytes, max_image_pixels=cfg.limits.max_image_pixels)
+        max_image_bytes=cfg.limits.max_image_bytes, max_image_pixels=cfg.limits.max_image_pixels,
+        max_note_chars=cfg.limits.max_note_chars,
+        min_image_side=getattr(inputs, "min_image_side", 1),
+        max_image_aspect=getattr(inputs, "max_image_aspect", None))

@@ -12,14 +12,19 @@ Output layout (decided here; the trainer reads ``output_uri`` as a dataset):
                                ``{name, version, kind, uri}``, k/q and every option, the
                                counts, the cohort's hash and the quarantine version.
 - ``<output_uri>/quarantine/`` the set-aside rows (``sample_id``, ``split``, ``label``,
-                               ``image_uri``, ``stage``, ``reason``, ``detail``), its own
-                               dataset. ``storage.commit`` deletes only ``v-*`` folders
-                               beside a manifest, so the nested dataset survives commits of
-                               the outer one, and the two live and go together.
+                               ``image_uri``, ``stage``, ``reason``, ``detail``, and
+                               ``source_file``/``source_row``: where the row sits in the
+                               cohort), its own dataset. Old versions are deleted only
+                               among ``v-*`` folders beside a manifest, so the nested
+                               dataset survives the outer one's, and the two go together.
 
-Commit order: quarantine first, then the pairs (the publish point, whose meta names the
-quarantine version). A failure before that aborts both version folders, so the previous
-output stays complete; a re-run with ``--overwrite`` replaces both, never appends.
+Publishing (:func:`publish_outputs`) makes the two one step: the quarantine's manifest,
+then the pairs' (the publish point, whose meta names the quarantine version), and only
+when both are in place are older versions of either deleted. If the pairs' manifest
+cannot be written, the quarantine's previous manifest is put back; a failure at any point
+leaves either the previous pairs and quarantine, or the new ones, whole and naming each
+other. Version folders no manifest names are removed (now, or by the next run's
+clean-up). A re-run with ``--overwrite`` replaces both, never appends.
 
 Accounting: every cohort row ends as exactly one of a paired case, a quarantined row
 (bad input or a teacher failure) or a filtered case (left out by an option). The run
@@ -32,16 +37,18 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ray.data import ActorPoolStrategy
 
 from mint_ray import storage
 from mint_ray.config import RayConfig
-from mint_ray.errors import ConfigError, MintError
+from mint_ray.errors import ConfigError, MintError, StorageError
 from mint_ray.preferences import validate
 from mint_ray.preferences.accounting import check_accounting, speed, teacher_identity
 from mint_ray.preferences.config import PAIRS_CPUS, READ_CPUS, Config
+from mint_ray.preferences.fetch import ImageSource
 from mint_ray.preferences.operators import TeacherScorer, pair_rows, prepare, read_cohort
 from mint_ray.preferences.plan import (
     PairPlan,
@@ -68,7 +75,7 @@ CLI_FLAGS = {
     "actors": "teacher.num_actors", "batch-size": "teacher.batch_size",
     "gpus-per-actor": "teacher.num_gpus_per_actor", "k": "pairs.k", "q": "pairs.q",
     "pairs-per-case": "pairs.pairs_per_case", "min-margin": "pairs.min_margin",
-    "force-truth": "pairs.force_truth", "overwrite": "storage.overwrite",
+    "force-truth": "pairs.force_truth", "overwrite": "storage.overwrite", "image-root": "image_root",
     "tracking": "tracking.enabled",
 }
 
@@ -117,8 +124,8 @@ def block_target(cfg: Config, inputs: Preprocessor) -> int:
     return max(cfg.block_bytes, row_bytes(inputs.prepare([])) * cfg.teacher.batch_size)
 
 
-def build_dataset(cfg: Config, rules: validate.Rules, teacher: TeacherInfo, inputs: Preprocessor,
-                  plan: PairPlan) -> Dataset:
+def build_dataset(cfg: Config, rules: validate.Rules, source: ImageSource, teacher: TeacherInfo,
+                  inputs: Preprocessor, plan: PairPlan) -> Dataset:
     import ray
 
     t = cfg.teacher
@@ -135,7 +142,7 @@ def build_dataset(cfg: Config, rules: validate.Rules, teacher: TeacherInfo, inpu
     ds = ds.repartition(target_num_rows_per_block=cfg.block_rows)
     ds = ds.map_batches(prepare, batch_size=cfg.block_rows, batch_format="pyarrow",
                         num_cpus=cfg.decode_num_cpus,
-                        fn_kwargs={"rules": rules, "inputs": inputs, "io_threads": cfg.io_threads,
+                        fn_kwargs={"rules": rules, "source": source, "inputs": inputs, "io_threads": cfg.io_threads,
                                    "batch_rows": t.batch_size, "block_bytes": cfg.block_bytes})
     ds = ds.map_batches(TeacherScorer, batch_size=t.batch_size, batch_format="pyarrow",
                         compute=ActorPoolStrategy(size=t.num_actors),
@@ -143,6 +150,53 @@ def build_dataset(cfg: Config, rules: validate.Rules, teacher: TeacherInfo, inpu
                         fn_constructor_kwargs={"info": teacher, "device": t.device, "threads": threads})
     return ds.map_batches(pair_rows, batch_size=None, batch_format="pyarrow", num_cpus=PAIRS_CPUS,
                           fn_kwargs={"plan": plan})
+
+
+def publish_outputs(output_uri: str, pairs_version: str, quarantine_uri: str, quarantine_version: str,
+                    quarantine_meta: dict[str, Any],
+                    pairs_meta: Callable[[storage.Manifest], dict[str, Any]]) -> tuple[storage.Manifest,
+                                                                                       storage.Manifest]:
+    """Publish the quarantine and the pairs as one: both manifests, then the clean-up.
+
+    The quarantine's manifest goes first (the pairs' meta names its version), then the
+    pairs' (the publish point). Should the pairs' fail, the quarantine's previous manifest
+    is put back, so the published pairs and quarantine still name each other; older
+    versions of either are deleted only once both manifests are in place, and a failure
+    there leaves the new outputs published (the next run deletes what is left)."""
+    previous = storage.read_manifest(quarantine_uri)
+    try:
+        quarantine = storage.publish(quarantine_uri, quarantine_version, meta=quarantine_meta)
+        manifest = storage.publish(output_uri, pairs_version, meta=pairs_meta(quarantine))
+    except BaseException:
+        # Unless the pairs did get published (a lost answer to a write that was done), put
+        # back the quarantine the published pairs name.
+        if _names(output_uri, pairs_version) is not True and _names(quarantine_uri, quarantine_version) is not False:
+            storage.restore_manifest(quarantine_uri, previous)
+        raise
+    for uri, keep in ((quarantine_uri, quarantine.version), (output_uri, manifest.version)):
+        try:
+            storage.remove_older(uri, keep)
+        except StorageError as err:
+            log.warning("published %s; its older versions stay until the next run (%s)", uri, err)
+    return manifest, quarantine
+
+
+def _names(uri: str, version_uri: str) -> bool | None:
+    """Whether the manifest at ``uri`` names ``version_uri`` (None: it cannot be read)."""
+    try:
+        manifest = storage.read_manifest(uri)
+    except (StorageError, ValueError, TypeError):
+        return None
+    return manifest is not None and manifest.version == version_uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _abort_unless_named(uri: str, version_uri: str) -> None:
+    """Remove an unpublished version folder, never one a manifest may name."""
+    if _names(uri, version_uri) is False:
+        try:
+            storage.abort(version_uri)
+        except StorageError as err:
+            log.warning("could not remove the unpublished %s (the next run will): %s", version_uri, err)
 
 
 def check_cohort(uri: str) -> storage.Manifest:
@@ -166,9 +220,10 @@ def run(cfg: Config) -> dict[str, Any]:
     cohort = check_cohort(cfg.cohort_uri)
     teacher = describe_teacher(cfg, task, cohort.meta)
     rule = pair_rule(cfg, task, len(teacher.labels))
-    rules = validation_rules(cfg, task, teacher)
     # The teacher's CPU side, for the prepare tasks: spec and processor files, no weights.
     inputs = load_preprocessor(teacher.uri)
+    rules = validation_rules(cfg, task, teacher, inputs)
+    source = ImageSource.for_cohort(cfg.cohort_uri, cfg.image_root, cfg.limits.image_read_timeout_s)
     pairs = pair_schema(task)
     plan = PairPlan(task, teacher.labels, rule, pairs, union_schema(pairs))
     output_uri = cfg.output()
@@ -186,7 +241,6 @@ def run(cfg: Config) -> dict[str, Any]:
                    tags={"mint.task": task.name, "teacher.uri": teacher.uri,
                          "teacher.kind": teacher.kind}) as tracked:
         tracked.set_lineage("cohort", cfg.cohort_uri, cohort)
-        published: list[str] = []
         try:
             init_ray(ray_config(cfg))
             check_cluster(cfg)
@@ -194,24 +248,22 @@ def run(cfg: Config) -> dict[str, Any]:
             log.info("preferences %s: %d rows from %s, teacher %s (%s) on %d actor(s)", task.name,
                      cohort.num_rows, cfg.cohort_uri, teacher.name, teacher.kind, cfg.teacher.num_actors)
             started = time.time()
-            dataset = build_dataset(cfg, rules, teacher, inputs, plan)
+            dataset = build_dataset(cfg, rules, source, teacher, inputs, plan)
             dataset.write_datasink(sink, ray_remote_args={"num_cpus": PAIRS_CPUS})
             totals = sink.totals
             rates = speed(cohort.num_rows, started, time.time(), totals, cfg.teacher.batch_size)
             identity = teacher_identity(teacher, totals)
             counts = check_accounting(cohort.num_rows, totals)
-            quarantine = storage.commit(quarantine_uri, quarantine_version,
-                                        meta={"task": task.name, "pairs_uri": output_uri, **counts})
-            published.append(quarantine_version)
-            manifest = storage.commit(output_uri, pairs_version, meta={
-                "task": task.name, "teacher": identity, **options, "counts": counts,
-                "cohort": {"uri": cfg.cohort_uri, "content_hash": cohort.content_hash},
-                "quarantine": {"uri": quarantine_uri, "version": quarantine.version,
-                               "num_rows": quarantine.num_rows, "content_hash": quarantine.content_hash}})
+            manifest, quarantine = publish_outputs(
+                output_uri, pairs_version, quarantine_uri, quarantine_version,
+                {"task": task.name, "pairs_uri": output_uri, **counts},
+                lambda q: {"task": task.name, "teacher": identity, **options, "counts": counts,
+                           "cohort": {"uri": cfg.cohort_uri, "content_hash": cohort.content_hash},
+                           "quarantine": {"uri": quarantine_uri, "version": q.version, "num_rows": q.num_rows,
+                                          "content_hash": q.content_hash}})
         except BaseException:
-            for version in (pairs_version, quarantine_version):
-                if version not in published:
-                    storage.abort(version)
+            for uri, version in ((output_uri, pairs_version), (quarantine_uri, quarantine_version)):
+                _abort_unless_named(uri, version)
             raise
         tracked.set_tags({"teacher.name": identity["name"], "teacher.version": identity["version"]})
         tracked.set_lineage("output", output_uri, manifest)

@@ -16,15 +16,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mint_ray.preferences import validate
 from mint_ray.preferences.validate import Verdict
 from mint_ray.tasks import Task
 
 INPUT_FIELDS = ("sample_id", "task", "split", "note", "image_uri", "label")
 TEXT = pa.string()
-READ_SCHEMA = pa.schema([*((name, TEXT) for name in INPUT_FIELDS),
-                         ("type_error", TEXT), ("duplicate", pa.bool_())])
+# Where a row comes from: its file and its position there (an identity that needs no
+# sample_id, for rows whose sample_id is unreadable).
+SOURCE_FIELDS = [("source_file", TEXT), ("source_row", pa.int64())]
+READ_SCHEMA = pa.schema([*((name, TEXT) for name in INPUT_FIELDS), *SOURCE_FIELDS,
+                         ("invalid_utf8", TEXT), ("type_error", TEXT), ("duplicate", pa.bool_())])
 VERDICT_FIELDS = [("stage", TEXT), ("reason", TEXT), ("detail", TEXT)]
-ROW_FIELDS = [("sample_id", TEXT), ("split", TEXT), ("note", TEXT), ("image_uri", TEXT), ("label", TEXT)]
+ROW_FIELDS = [("sample_id", TEXT), ("split", TEXT), ("note", TEXT), ("image_uri", TEXT), ("label", TEXT),
+              *SOURCE_FIELDS]
 ROW_NAMES = tuple(name for name, _ in ROW_FIELDS)
 VERDICT_NAMES = tuple(name for name, _ in VERDICT_FIELDS)
 # A prepared table holds ROW_FIELDS, VERDICT_FIELDS and one column per prepared input array.
@@ -32,7 +37,7 @@ INPUT_PREFIX = "input."
 SCORED_SCHEMA = pa.schema([*ROW_FIELDS, *VERDICT_FIELDS, ("scores", pa.list_(pa.float32())),
                            ("teacher_name", TEXT), ("teacher_version", TEXT), ("scored_at", pa.float64())])
 QUARANTINE_SCHEMA = pa.schema([("sample_id", TEXT), ("split", TEXT), ("label", TEXT),
-                               ("image_uri", TEXT), *VERDICT_FIELDS])
+                               ("image_uri", TEXT), *VERDICT_FIELDS, *SOURCE_FIELDS])
 
 
 def messages_type(task: Task) -> pa.DataType:
@@ -63,7 +68,7 @@ def union_schema(pairs: pa.Schema) -> pa.Schema:
     ``dropped_pairs`` counts its pairs under the margin and ``scored_at`` says when the
     teacher finished its batch (for the run's counts and its steady rate).
     """
-    return pa.schema([*pairs, *VERDICT_FIELDS, ("kind", TEXT), ("case_paired", pa.bool_()),
+    return pa.schema([*pairs, *VERDICT_FIELDS, *SOURCE_FIELDS, ("kind", TEXT), ("case_paired", pa.bool_()),
                       ("dropped_pairs", pa.int32()), ("scored_at", pa.float64())])
 
 
@@ -73,29 +78,61 @@ def _is_text(dtype: pa.DataType) -> bool:
     return pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or pa.types.is_null(dtype)
 
 
-def coerce_chunk(batch: pa.RecordBatch | pa.Table) -> tuple[pa.Table, list[str | None]]:
-    """The contract's columns as strings, and per row the fields of a wrong type (or None).
+def coerce_chunk(batch: pa.RecordBatch | pa.Table) -> tuple[pa.Table, list[str | None], list[str | None]]:
+    """The contract's columns as strings; per row the text columns that are not UTF-8, and
+    the fields of a wrong type (each None where there are none).
 
-    A column of another type (``label`` as int64) becomes nulls; the rows that had
-    a value there are marked. An absent column is all nulls.
+    A column of another type (``label`` as int64) becomes nulls, and so does a value that
+    is not UTF-8 (Parquet writers do not check): only the rows that had such a value are
+    marked. An absent column is all nulls. ``meta`` is checked for UTF-8 but not returned.
     """
     n = batch.num_rows
     columns: list[pa.Array] = []
+    bad_text: list[list[str]] = [[] for _ in range(n)]
     errors: list[list[str]] = [[] for _ in range(n)]
     names = batch.schema.names
-    for name in INPUT_FIELDS:
+    for name in (*INPUT_FIELDS, *(f for f in validate.TEXT_COLUMNS if f not in INPUT_FIELDS)):
         if name not in names:
             columns.append(pa.nulls(n, TEXT))
             continue
         column = batch.column(names.index(name))
         if _is_text(column.type):
-            columns.append(pc.cast(column, TEXT))
+            text, invalid = valid_utf8(pc.cast(column, TEXT))
+            columns.append(text)
+            for i in invalid:
+                bad_text[i].append(name)
             continue
         columns.append(pa.nulls(n, TEXT))
-        for i in np.flatnonzero(np.asarray(column.is_valid())):
-            errors[int(i)].append(f"{name}: {column.type}")
-    table = pa.Table.from_arrays(columns, names=list(INPUT_FIELDS))
-    return table, ["; ".join(e) if e else None for e in errors]
+        if name in INPUT_FIELDS:
+            for i in np.flatnonzero(np.asarray(column.is_valid())):
+                errors[int(i)].append(f"{name}: {column.type}")
+    table = pa.Table.from_arrays(columns[:len(INPUT_FIELDS)], names=list(INPUT_FIELDS))
+    return table, [", ".join(e) if e else None for e in bad_text], ["; ".join(e) if e else None for e in errors]
+
+
+def valid_utf8(column: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, list[int]]:
+    """A string column with its values that are not UTF-8 made null, and their positions.
+
+    Arrow checks the whole column at once; only a column that fails is looked at value by
+    value (Python's decoder is what ``to_pylist`` uses, so it has the last word)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    try:
+        column.validate(full=True)
+        return column, []
+    except pa.ArrowInvalid:
+        pass
+    invalid = []
+    for i, raw in enumerate(column.view(pa.binary()).to_pylist()):
+        if raw is None:
+            continue
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            invalid.append(i)
+    mask = np.zeros(len(column), dtype=bool)
+    mask[invalid] = True
+    return pc.if_else(pa.array(mask), pa.nulls(len(column), pa.binary()), column.view(pa.binary())).view(TEXT), invalid
 
 
 def tensor_column(array: np.ndarray) -> pa.Array:
