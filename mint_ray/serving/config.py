@@ -12,7 +12,7 @@ from pydantic import Field, field_validator, model_validator
 
 from mint_ray.config import RayConfig, StrictModel
 from mint_ray.images import ALLOWED_FORMATS, ImageLimits
-from mint_ray.tasks import TASKS
+from mint_ray.tasks import MAX_NOTE_CHARS, TASKS
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -31,7 +31,7 @@ class RequestLimitsConfig(StrictModel):
     """
 
     max_body_bytes: int = Field(8 * 2**20, gt=0)
-    max_note_chars: int = Field(20_000, gt=0)
+    max_note_chars: int = Field(MAX_NOTE_CHARS, gt=0)  # the preference build quarantines longer notes
     max_prompt_tokens: int | None = Field(None, gt=0)
     # A body must arrive within body_timeout_s, and after the first body_grace_s at
     # min_body_bytes_per_s on average, or the request gets a 408: a replica's request
