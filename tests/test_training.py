@@ -26,6 +26,7 @@ from mint_ray.training import run as train_stage
 from mint_ray.training.config import Config
 from mint_ray.training.worker import EXPORT_CHECK
 from tests.prefdata import write_text_prefs, write_vision_prefs
+from tests.tinymodels import make_student_dir
 
 pytestmark = pytest.mark.slow
 
@@ -349,3 +350,16 @@ def test_sft_on_the_ground_truth_of_the_labelled_cases_is_tagged_as_it_ran(tmp_p
     unlabelled = cfg.data.model_copy(update={"splits": ["validation"]})
     with pytest.raises(MintError, match="no rows to train on"):
         train_stage.check_rows(cfg.model_copy(update={"data": unlabelled}))
+
+
+def test_a_head_the_chunked_path_cannot_serve_is_refused_before_workers(tmp_path: Path) -> None:
+    base = make_student_dir(tmp_path / "base")
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "final_logit_softcapping": 30.0}))
+    cfg = load_config(Config, None, ["task=rare_disease", f"data.uri={tmp_path}/prefs", f"model.path={base}",
+                                     "model.lora.enabled=false", "loss.logits_chunk_tokens=8"])
+    with pytest.raises(ConfigError, match=r"loss.logits_chunk_tokens: .*final_logit_softcapping=30.0"):
+        train_stage.check_model(cfg, str(base))
+    train_stage.check_model(load_config(Config, None, ["task=rare_disease", f"data.uri={tmp_path}/prefs",
+                                                       f"model.path={base}", "model.lora.enabled=false",
+                                                       "loss.logits_chunk_tokens=0"]), str(base))

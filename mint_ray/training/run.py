@@ -19,6 +19,7 @@ from mint_ray.model_folders import local_copy, publish_dir, read_metadata
 from mint_ray.ray_cluster import init_ray
 from mint_ray.registry import log_student
 from mint_ray.tasks import get_task
+from mint_ray.training import chunked_logprobs
 from mint_ray.training.config import Config
 from mint_ray.training.data import Selection, read_selection, training_rows
 
@@ -54,15 +55,20 @@ def check_rows(cfg: Config) -> Selection:
 
 
 def check_model(cfg: Config, base_uri: str) -> None:
-    """Config checks that need the student's module tree (built on the meta device: no weights)."""
-    if not cfg.model.lora.enabled:
+    """Config checks that need the student's module tree (built on the meta device: no weights):
+    LoRA targets that match, and a head the chunked log-probabilities can serve."""
+    if not cfg.model.lora.enabled and not cfg.loss.logits_chunk_tokens:
         return
     with tempfile.TemporaryDirectory(prefix="mint-config-") as tmp:
         config_dir = base_uri
         if storage.is_s3(base_uri):  # fetch config.json alone
             config_dir = tmp
             Path(tmp, "config.json").write_bytes(storage.read_bytes(storage.join(base_uri, "config.json")))
-        students.lora_target_modules(students.meta_model(config_dir, cfg.model.kind), cfg.model.lora, cfg.model.kind)
+        model = students.meta_model(config_dir, cfg.model.kind)
+        if cfg.model.lora.enabled:
+            students.lora_target_modules(model, cfg.model.lora, cfg.model.kind)
+        if cfg.loss.logits_chunk_tokens:
+            chunked_logprobs.output_head(model)
 
 
 def build_tiny_base(cfg: Config, out_uri: str) -> str:
