@@ -152,7 +152,8 @@ def lora_target_modules(model: torch.nn.Module, lora: LoraAdapterConfig, kind: S
         return wanted
     if kind == "mllama":
         # Language model projections, MLP, projector and lm_head (the paper); not the vision tower.
-        return (r"^(?!.*vision_model).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
+        # In transformers 5 lm_head is top level (no dot before it).
+        return (r"^(?!.*vision_model)(.*\.)?(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
                 r"|multi_modal_projector|lm_head)$")
     return "all-linear"
 
