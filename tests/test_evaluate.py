@@ -226,7 +226,7 @@ def test_registered_model_by_alias_is_pinned_evaluated_and_tagged(
     assert client.list_artifacts(model_run, "evaluation/base-test")
     for uri, match in ((f"models:/{name}/9", "version 9 of model"),
                        (f"models:/{name}-nope@x", "not in the model registry"),
-                       (f"{s3_bucket}/no/model", "no mint_model.json or config.json there")):
+                       (f"{s3_bucket}/no/model", "no files there; check the URI")):
         with pytest.raises(MintError, match=match):
             evaluate.run(eval_config(tmp_path, model_uri=uri, data_uri=data, tracking=tracking))
     assert promote.get_version(name).version == version
