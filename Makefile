@@ -3,6 +3,9 @@
 # pip's find-links already has on this machine), with a GPU PyPI's CUDA build. The rest
 # then keeps that torch (torch==2.13.0 is satisfied by 2.13.0+cpu).
 PY := .venv/bin/python
+# DeepSpeed's JIT ops are built for this checkout's torch: a private build folder, so
+# two checkouts on one machine never share (or wait on) each other's build lock.
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.local/torch_extensions
 PIP_LOG := .venv/pip.log
 TORCH := torch==2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
@@ -32,7 +35,7 @@ TORCH_SOURCE := $(if $(HAS_GPU),,--extra-index-url $(TORCH_CPU_INDEX))
 	mkdir -p .local && touch $@
 
 # DeepSpeed JIT-compiles its CPU comm op (and CPU Adam) on first use: build once.
-.local/.ds_ops: .venv/.installed
+.local/.ds_ops: .venv/.installed Makefile
 	DS_ACCELERATOR=cpu $(PY) -m tools.prebuild_ops
 	mkdir -p .local && touch $@
 
