@@ -3,6 +3,12 @@
 Every stage module exposes ``Config`` (its typed pydantic config), ``run(cfg)``
 and optionally ``CLI_FLAGS`` (``--flag`` -> dotted config key shortcuts). The
 same entry serves ``jobs/*.py`` for ``ray job submit``.
+
+Output: progress and a closing summary a person reads in seconds (a stage may define
+``summarize(result) -> list[str]``; otherwise its result's top-level facts); the whole
+result is written as JSON to ``--summary-file`` (default ``./mint-ray-runs/<stage>-<time>.json``)
+and printed instead of the summary with ``--json``. ``--verbose`` (or
+``MINT_RAY_LOG_LEVEL=DEBUG``) shows the infrastructure's INFO lines too.
 """
 
 from __future__ import annotations
@@ -12,9 +18,12 @@ import importlib
 import json
 import logging
 import sys
+import time
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from mint_ray import console
 from mint_ray.config import load_config
 from mint_ray.errors import MintError
 
@@ -33,6 +42,10 @@ STAGES: dict[tuple[str, ...], str] = {
 }
 
 log = logging.getLogger("mint_ray")
+SUMMARY_DIR = Path("mint-ray-runs")
+# Options of the command itself, taken before the stage's own.
+COMMON_FLAGS = {"--verbose": "show the infrastructure's INFO lines (same as MINT_RAY_LOG_LEVEL=DEBUG)",
+                "--json": "print the whole result as JSON instead of the closing summary"}
 
 
 def _find_stage(words: list[str]) -> tuple[tuple[str, ...], list[str]]:
@@ -90,14 +103,28 @@ def run_stage(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--config", help="YAML recipe for this stage")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="dotted override, e.g. --set storage.root=s3://bucket/prefix")
+    parser.add_argument("--summary-file",
+                        help=f"where the JSON result goes (default {SUMMARY_DIR}/<stage>-<time>.json)")
+    for flag, text in COMMON_FLAGS.items():
+        parser.add_argument(flag, action="store_true", help=text)
     args, extra = parser.parse_known_args(rest)
     cfg = load_config(module.Config, args.config, _flag_overrides(module, extra) + args.set)
-    return module.run(cfg)
+    result = module.run(cfg)
+    path = Path(args.summary_file or SUMMARY_DIR / f"{'-'.join(key)}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        summarize = getattr(module, "summarize", None)
+        lines = summarize(result) if summarize else console.summary_lines(result)
+        print("\n".join([f"\nmint-ray {' '.join(key)}: done", *lines, f"  full result: {path}"]), flush=True)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
+    console.setup(verbose_flag="--verbose" in argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: mint-ray <command> [--config RECIPE.yaml] [--set KEY=VALUE ...]\ncommands:")
         for key, mod in STAGES.items():
@@ -105,11 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         print("'mint-ray <command> --help' lists a command's options and shortcut flags")
         return 0
     try:
-        summary = run_stage(argv)
+        run_stage(argv)
     except MintError as err:
         print(f"mint-ray: error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=2, default=str))
     return 0
 
 

@@ -107,42 +107,78 @@ def _test_case(task: str, root: str) -> dict[str, Any]:
 
 
 def run(cfg: Config) -> dict[str, Any]:
+    from mint_ray.config import TrackingConfig
+    from mint_ray.tracking import resolve_tracking_uri
+
     root = cfg.root if storage.is_s3(cfg.root) else str(Path(cfg.root).absolute())
+    tracking_uri = resolve_tracking_uri(TrackingConfig(), root)
     timings: list[tuple[str, float]] = []
     champions: dict[str, str] = {}
+    tasks: dict[str, dict[str, Any]] = {}
     t_all = time.time()
     for task in cfg.tasks:
         comparison: dict[str, Any] = {}
         for step in _steps(task, root, cfg.quick):
-            print(f"\n=== [{task}] {step.name} ({step.module}, jobs/recipes/{step.recipe}) ===", flush=True)
+            print(f"[demo] {task} {step.name}: {step.module} on jobs/recipes/{step.recipe}", flush=True)
             result, seconds = _run_step(step)
             timings.append((f"{task} {step.name}", seconds))
-            print(f"=== [{task}] {step.name} done in {seconds:.0f}s ===", flush=True)
             if step.name == "compare":
                 comparison = result
         t0 = time.time()
         decision = _promote_best(task, comparison, root)
         timings.append((f"{task} promote", time.time() - t0))
-        print(f"\n=== [{task}] promotion: {decision} ===", flush=True)
+        tasks[task] = {"table": comparison.get("table", ""), "paired_table": comparison.get("paired_table", ""),
+                       "report_uri": comparison.get("report_uri"), "files": comparison.get("files", []),
+                       "promotion": decision}
         # Serve whichever version holds the alias now (this run's, or an earlier champion).
         if alias_holder(get_task(task).registered_model, "champion") is not None:
             champions[task] = get_task(task).registry_uri("champion")
     answers: dict[str, Any] = {}
+    requests: dict[str, Any] = {}
     if cfg.serve and champions:
-        from mint_ray.config import TrackingConfig
         from mint_ray.serving.client import serve_and_ask
-        from mint_ray.tracking import resolve_tracking_uri
 
         t0 = time.time()
-        answers = serve_and_ask(champions, {task: _test_case(task, root) for task in champions},
-                                tracking_uri=resolve_tracking_uri(TrackingConfig(), root))
+        requests = {task: _test_case(task, root) for task in champions}
+        answers = serve_and_ask(champions, requests, tracking_uri=tracking_uri)
         timings.append(("serve + requests", time.time() - t0))
-        for task, answer in answers.items():
-            shown = {k: answer.get(k) for k in ("labels", "model", "version", "latency_ms") if k in answer}
-            print(f"\n=== served {champions[task]} -> {shown or answer} ===", flush=True)
-    print("\n| step | seconds |\n|---|---|")
-    for name, seconds in timings:
-        print(f"| {name} | {seconds:.0f} |")
-    print(f"| total | {time.time() - t_all:.0f} |")
-    return {"root": root, "champions": champions, "answers": answers,
+    timings.append(("total", time.time() - t_all))
+    return {"root": root, "tracking_uri": tracking_uri, "tasks": tasks, "champions": champions,
+            "requests": {task: _request_text(body) for task, body in requests.items()}, "answers": answers,
             "timings": {name: round(s, 1) for name, s in timings}}
+
+
+def _request_text(body: dict[str, Any]) -> str:
+    """What was asked, for the summary: never the note itself (patient data in real use)."""
+    if "note" in body:
+        return f"a clinical note of {len(body['note'])} characters"
+    return f"an image of {len(body['image'])} bytes"
+
+
+def _promotion_text(decision: dict[str, Any]) -> str:
+    if "arm" not in decision:
+        return f"nothing promoted: {decision.get('reason')}"
+    verb = "promoted to @champion" if decision.get("promoted") else "not promoted"
+    return (f"arm {decision['arm']} (best top-1 of the trained arms; {decision['name']} v{decision['version']}) "
+            f"{verb}: {decision.get('reason')}")
+
+
+def summarize(result: dict[str, Any]) -> list[str]:
+    """The closing summary of ``mint-ray demo``: read in ten seconds."""
+    lines = ["", "| step | seconds |", "|---|---|",
+             *(f"| {name} | {seconds:.0f} |" for name, seconds in result["timings"].items())]
+    for task, facts in result["tasks"].items():
+        lines += ["", f"## {task}", facts["table"].rstrip()]
+        if facts["paired_table"]:
+            lines += ["", facts["paired_table"].rstrip()]
+        plots = [f for f in facts["files"] if f.endswith(".png")]
+        lines += [f"promotion: {_promotion_text(facts['promotion'])}",
+                  f"report: {facts['report_uri']}" + (f" (plot: {plots[0]})" if plots else "")]
+    for task, answer in result["answers"].items():
+        shown = {k: answer.get(k) for k in ("labels", "model", "latency_ms") if k in answer}
+        lines.append(f"served {result['champions'][task]}: asked {result['requests'][task]} -> {shown or answer}")
+    tracking = result["tracking_uri"]
+    lines += ["", f"MLflow store: {tracking}",
+              f"open it: mlflow ui --backend-store-uri {tracking}" if not tracking.startswith("http")
+              else f"open it: {tracking}"]
+    return lines

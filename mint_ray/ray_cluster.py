@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 
+from mint_ray import console
 from mint_ray.config import RayConfig
 
+CONSOLE_ENV_KEYS = (console.LOG_LEVEL_ENV, console.PROGRESS_ENV, console.MLFLOW_LEVEL_ENV)
 # Env vars the workers of an in-process cluster need: DeepSpeed on CPU hosts,
 # and S3 clients that work with Ceph/MinIO-style gateways (see storage.py).
 # Credentials are not passed here: workers inherit them from the raylet's
@@ -17,11 +19,17 @@ from mint_ray.config import RayConfig
 # sit in a runtime_env.
 WORKER_ENV_KEYS = ("DS_ACCELERATOR", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
                    "AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION",
-                   "MLFLOW_TRACKING_URI", "TORCH_EXTENSIONS_DIR")
+                   "MLFLOW_TRACKING_URI", "TORCH_EXTENSIONS_DIR",
+                   # The console's rules (mint_ray.console): log level, bars or lines.
+                   *CONSOLE_ENV_KEYS)
 
 
 def worker_env() -> dict[str, str]:
     return {k: os.environ[k] for k in WORKER_ENV_KEYS if os.environ.get(k)}
+
+
+def console_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in CONSOLE_ENV_KEYS if os.environ.get(k)}
 
 
 def init_ray(cfg: RayConfig) -> None:
@@ -33,13 +41,22 @@ def init_ray(cfg: RayConfig) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only local clusters
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        # An existing cluster: its nodes' environment and the job's runtime_env
-        # (cluster/runtime_env.yaml) reach every worker; repeating env vars here
-        # would conflict with the job's and make ray.init fail.
-        ray.init(address=address, log_to_driver=True)
-        return
-    # address="local": start a new in-process cluster, never attach to another
-    # `ray start` cluster that happens to run on this machine.
-    ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(),
-             object_store_memory=cfg.object_store_memory_mb * 1024 * 1024,
-             include_dashboard=False, runtime_env={"env_vars": worker_env()}, log_to_driver=True)
+        from ray._private.ray_constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+        # An existing cluster: its nodes' environment reaches every worker. Under `ray job
+        # submit` the job's runtime_env (cluster/runtime_env.yaml, which names
+        # console.SETUP_HOOK) does too, and repeating any of its keys here would make
+        # ray.init fail; a driver attached by hand brings the console's rules itself.
+        under_job = RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ
+        ray.init(address=address, log_to_driver=True,
+                 runtime_env=None if under_job else {"worker_process_setup_hook": console.SETUP_HOOK,
+                                                     "env_vars": console_env()})
+    else:
+        # address="local": start a new in-process cluster, never attach to another
+        # `ray start` cluster that happens to run on this machine.
+        ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(),
+                 object_store_memory=cfg.object_store_memory_mb * 1024 * 1024,
+                 include_dashboard=False, log_to_driver=True,
+                 # Every worker applies the console's logging rules as it starts.
+                 runtime_env={"env_vars": worker_env(), "worker_process_setup_hook": console.SETUP_HOOK})
+    console.quiet_process()  # importing Ray set its loggers back to INFO in this process

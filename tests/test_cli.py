@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 
 import pytest
 
@@ -25,3 +26,23 @@ def test_top_level_help_points_at_the_stage_help(capsys: pytest.CaptureFixture[s
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "serve" in out and "'mint-ray <command> --help'" in out
+
+
+def test_a_stage_ends_with_a_readable_summary_and_writes_its_json(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The closing summary is a few `key: value` lines and the path of the whole result;
+    ``--json`` prints that result instead."""
+    common = ["data", "synth", "--task", "tissue_type", "--set", "sizes.n_samples=20", "--set", "image_size=32",
+              "--set", f"storage.root={tmp_path}", "--set", "tracking.enabled=false"]
+    summary_file = tmp_path / "synth.json"
+    assert main([*common, "--out", str(tmp_path / "a"), "--summary-file", str(summary_file)]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(summary_file.read_text())
+    assert result["rows"] == 20
+    lines = out.strip().splitlines()
+    assert lines[0] == "mint-ray data synth: done" and lines[-1] == f"  full result: {summary_file}"
+    assert "  rows: 20" in lines and f"  output_uri: {result['output_uri']}" in lines
+    assert not out.lstrip().startswith("{")
+
+    assert main([*common, "--out", str(tmp_path / "b"), "--json", "--summary-file", str(tmp_path / "b.json")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((tmp_path / "b.json").read_text()) and printed["rows"] == 20

@@ -280,6 +280,7 @@ def test_rayjobs_carry_the_runtime_env_file() -> None:
         job_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
         assert vm.check_runtime_env(job_env, local_paths=False) == []
         assert job_env["env_vars"] == env["env_vars"], job["metadata"]["name"]
+        assert job_env["worker_process_setup_hook"] == env["worker_process_setup_hook"], job["metadata"]["name"]
         # The submitter pod uploads the repository copy baked into the image.
         assert job_env["working_dir"] == "/home/ray/mint-ray"
     dockerfile = (vm.CLUSTER / "Dockerfile").read_text()

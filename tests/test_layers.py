@@ -32,7 +32,7 @@ MATH_MAY_NOT_IMPORT = ("ray", "deepspeed", "mlflow", "boto3", "botocore", "pyarr
                        "mint_ray.storage", "mint_ray.tracking", "mint_ray.registry", "mint_ray.model_folders",
                        "mint_ray.ray_cluster")
 EDGES = ("mint_ray.storage", "mint_ray.tracking", "mint_ray.registry", "mint_ray.model_folders",
-         "mint_ray.errors", "mint_ray.config")
+         "mint_ray.errors", "mint_ray.config", "mint_ray.console", "mint_ray.ray_cluster")
 STAGES = ("mint_ray.data", "mint_ray.teachers", "mint_ray.preferences", "mint_ray.training",
           "mint_ray.evaluation", "mint_ray.serving")
 FLOWS = ("mint_ray.cli", "mint_ray.demo", "mint_ray.evaluation.compare")

@@ -1,0 +1,196 @@
+"""What a person at the terminal sees: quiet infrastructure, progress, closing summaries.
+
+- ``setup`` (the CLI, once per driver) and ``quiet_process`` (every Ray worker process,
+  as the runtime_env's ``worker_process_setup_hook``) keep mint-ray's own INFO lines and
+  every library's warnings and errors, and drop the INFO chatter of Ray, DeepSpeed,
+  torch and the clients, plus a short list of known-harmless warnings (each with its
+  reason below). ``--verbose`` or ``MINT_RAY_LOG_LEVEL=DEBUG`` brings everything back.
+  Errors are never filtered.
+- ``Progress`` is one stage's progress: a bar when the driver's stdout is a terminal
+  (from a Ray worker too, through Ray's driver-side tqdm), otherwise a line every
+  ``every_n`` updates or every ``seconds``, whichever comes first.
+- ``summary_lines`` turns a stage's result into a few readable lines; the whole result
+  is still written as JSON by the CLI.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import warnings
+from collections.abc import Mapping
+from typing import Any, Literal
+
+LOG_LEVEL_ENV = "MINT_RAY_LOG_LEVEL"
+# MLflow sets its own loggers' level from this when it is imported (after setup runs).
+MLFLOW_LEVEL_ENV = "MLFLOW_LOGGING_LEVEL"
+# "bar" or "lines", decided once on the driver and passed to the workers (their stdout
+# is a pipe to the driver, so they cannot tell by themselves).
+PROGRESS_ENV = "MINT_RAY_PROGRESS"
+SETUP_HOOK = "mint_ray.console.quiet_process"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_DATEFMT = "%H:%M:%S"
+# Ray Data's progress line when stdout is not a terminal (its default is every 10 s).
+RAY_DATA_LOG_INTERVAL_S = "30"
+
+# Their INFO lines describe the machinery (checkpoint uploads, op builds, HTTP calls).
+CHATTY_LOGGERS = ("ray", "DeepSpeed", "deepspeed", "torch", "mlflow", "alembic", "urllib3", "botocore",
+                  "boto3", "s3transfer", "filelock", "httpx", "transformers", "peft", "accelerate", "gguf")
+# Known-harmless warnings, silenced at their source with the reason.
+SILENCED_LOGGERS = {
+    # It polls the State API, which needs the dashboard that local clusters do not start;
+    # each failed poll is a warning, and the placement group is still removed.
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
+}
+SILENCED_WARNINGS = (
+    # DeepSpeed's ZeRO-3 calls the old name on every step (49 times a run); nothing to do.
+    (FutureWarning, r".*reduce_scatter_tensor is deprecated"),
+    (FutureWarning, r".*all_gather_into_tensor is deprecated"),
+    # torch's ZeRO-3 hooks and transformers' generation defaults: advice for library authors.
+    (UserWarning, r".*TypedStorage is deprecated"),
+    (UserWarning, r".*`torch_dtype` is deprecated"),
+    # A small input makes fewer blocks than a pool has actors; the spare actors idle.
+    (UserWarning, r".*The minimum number of concurrent actors for"),
+)
+# Ray Data's own progress: its non-terminal lines come from this logger at INFO.
+RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress.logging_progress"
+
+ProgressMode = Literal["bar", "lines"]
+
+
+def verbose() -> bool:
+    return os.environ.get(LOG_LEVEL_ENV, "").upper() == "DEBUG"
+
+
+def quiet_process() -> None:
+    """Apply the logging rules in this process (the driver, or a Ray worker at start-up)."""
+    if verbose():
+        logging.getLogger().setLevel(logging.DEBUG)
+        return
+    logging.getLogger("mint_ray").setLevel(logging.INFO)
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for name, level in SILENCED_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+    for category, message in SILENCED_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    logging.getLogger(RAY_DATA_PROGRESS_LOGGER).setLevel(logging.INFO)
+    if "ray.data" in sys.modules and progress_mode() == "lines":
+        from ray.data import DataContext
+
+        # Off a terminal: one "Total Progress" line every 30 s, not a block per operator.
+        DataContext.get_current().enable_operator_progress_bars = False
+
+
+def setup(verbose_flag: bool = False) -> None:
+    """The driver's console: log format, the quiet rules, and what workers should do."""
+    if verbose_flag:
+        os.environ[LOG_LEVEL_ENV] = "DEBUG"
+    logging.basicConfig(level=logging.DEBUG if verbose() else logging.INFO, format=LOG_FORMAT,
+                        datefmt=LOG_DATEFMT)
+    os.environ.setdefault(PROGRESS_ENV, "bar" if sys.stdout.isatty() else "lines")
+    os.environ.setdefault(MLFLOW_LEVEL_ENV, "DEBUG" if verbose() else "WARNING")
+    os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", RAY_DATA_LOG_INTERVAL_S)
+    quiet_process()
+
+
+def ray_train_log_level() -> str:
+    """Ray Train's console level (``RunConfig.logging_config``); its log files keep every level."""
+    return "DEBUG" if verbose() else "WARNING"
+
+
+def progress_mode() -> ProgressMode:
+    return "bar" if os.environ.get(PROGRESS_ENV) == "bar" else "lines"
+
+
+def _in_ray_worker() -> bool:
+    if "ray" not in sys.modules:
+        return False
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+
+
+class Progress:
+    """Progress of ``total`` units: a bar on a terminal, throttled lines elsewhere.
+
+    ``update(n, **fields)`` adds ``n`` done units; ``fields`` (loss, tok/s...) are shown
+    on the bar, or in the line. Lines go to ``logger`` at INFO: one every ``every_n``
+    units or ``seconds`` seconds, whichever comes first, and one at the end.
+    """
+
+    def __init__(self, desc: str, total: int, *, logger: logging.Logger, every_n: int = 50,
+                 seconds: float = 30.0, mode: ProgressMode | None = None, start: int = 0) -> None:
+        self.desc, self.total, self.logger = desc, total, logger
+        self.every_n, self.seconds = max(1, every_n), seconds
+        self.done, self.fields = start, {}
+        self.t0 = self.last_line = time.monotonic()
+        self.start = start
+        self.mode = mode or progress_mode()
+        self.bar: Any = None
+        if self.mode == "bar":
+            if _in_ray_worker():
+                from ray.experimental.tqdm_ray import tqdm as ray_tqdm
+
+                self.bar = ray_tqdm(desc=desc, total=total)
+                self.bar.n = start
+            else:
+                from tqdm import tqdm
+
+                self.bar = tqdm(desc=desc, total=total, initial=start, dynamic_ncols=True, file=sys.stdout)
+
+    def update(self, n: int = 1, **fields: float | str) -> None:
+        self.done += n
+        self.fields = fields
+        if self.bar is not None:
+            # Ray's bar shows only a description: the fields go there.
+            self.bar.set_description(f"{self.desc} {format_fields(fields)}".strip())
+            self.bar.update(n)
+            return
+        now = time.monotonic()
+        if self.done % self.every_n == 0 or now - self.last_line >= self.seconds or self.done >= self.total:
+            self.last_line = now
+            self.logger.info("%s", self.line(now))
+
+    def line(self, now: float) -> str:
+        elapsed = now - self.t0
+        rate = (self.done - self.start) / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        return (f"{self.desc} {self.done}/{self.total} {format_fields(self.fields)} "
+                f"elapsed {elapsed:.0f}s eta {eta:.0f}s").replace("  ", " ")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def format_fields(fields: Mapping[str, Any]) -> str:
+    return " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
+
+
+def every_n_for(total: int, lines: int = 20) -> int:
+    """A line interval that prints about ``lines`` lines over ``total`` units."""
+    return max(1, total // lines)
+
+
+def _scalar(value: Any) -> bool:
+    return value is None or isinstance(value, str | int | float | bool)
+
+
+def summary_lines(result: Mapping[str, Any], max_lines: int = 25) -> list[str]:
+    """A stage's result as ``key: value`` lines: scalars, short lists and one level of
+    nesting; what does not fit is left to the JSON file."""
+    lines: list[str] = []
+    for key, value in result.items():
+        if _scalar(value):
+            lines.append(f"  {key}: {value}")
+        elif isinstance(value, list | tuple) and len(value) <= 6 and all(_scalar(v) for v in value):
+            lines.append(f"  {key}: {', '.join(str(v) for v in value)}")
+        elif isinstance(value, Mapping):
+            inner = [f"{k}={v}" for k, v in value.items() if _scalar(v)]
+            if inner:
+                text = ", ".join(inner)
+                lines.append(f"  {key}: {text if len(text) <= 160 else text[:157] + '...'}")
+    return lines[:max_lines]

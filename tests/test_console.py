@@ -1,0 +1,96 @@
+"""The console rules: throttled progress lines, quiet loggers, closing summaries.
+
+A whole stage's captured output is checked in tests/test_training.py
+(test_multi_node_two_raylets_on_s3) and the CLI's summary in tests/test_cli.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+
+from mint_ray import console
+
+
+@pytest.fixture
+def restore_logging():
+    names = ["", "mint_ray", "ray", "DeepSpeed", *console.SILENCED_LOGGERS]
+    levels = {n: logging.getLogger(n).level for n in names}
+    with warnings.catch_warnings():
+        yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def test_lines_every_n_and_at_the_end(caplog: pytest.LogCaptureFixture) -> None:
+    log = logging.getLogger("mint_ray.test")
+    progress = console.Progress("[train] orpo", 95, logger=log, every_n=20, seconds=3600, mode="lines")
+    with caplog.at_level(logging.INFO, logger="mint_ray.test"):
+        for step in range(95):
+            progress.update(1, loss=1.0 / (step + 1), **{"tok/s": 100})
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split()[2] for line in lines] == ["20/95", "40/95", "60/95", "80/95", "95/95"]
+    assert "loss 0.01053" in lines[-1] and "tok/s 100" in lines[-1] and "eta 0s" in lines[-1]
+
+
+def test_lines_every_few_seconds_when_steps_are_slow(caplog: pytest.LogCaptureFixture,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = iter(range(0, 10_000, 20))  # each update 20 s after the last
+    monkeypatch.setattr(console.time, "monotonic", lambda: float(next(clock)))
+    progress = console.Progress("[eval]", 1000, logger=logging.getLogger("mint_ray.test"), every_n=500,
+                                seconds=30, mode="lines")
+    with caplog.at_level(logging.INFO, logger="mint_ray.test"):
+        for _ in range(6):
+            progress.update(1)
+    # updates at 20, 40 (a line: 40 s since the start), 60, 80 (a line), 100, 120 (a line) s
+    assert [r.getMessage().split()[1] for r in caplog.records] == ["2/1000", "4/1000", "6/1000"]
+
+
+def test_resumed_progress_counts_from_the_resume_step(caplog: pytest.LogCaptureFixture) -> None:
+    progress = console.Progress("[train]", 10, logger=logging.getLogger("mint_ray.test"), every_n=5,
+                                start=5, mode="lines")
+    with caplog.at_level(logging.INFO, logger="mint_ray.test"):
+        for _ in range(5):
+            progress.update(1)
+    assert [r.getMessage().split()[1] for r in caplog.records] == ["10/10"]
+
+
+def test_every_n_for_gives_about_twenty_lines() -> None:
+    assert console.every_n_for(240) == 12
+    assert console.every_n_for(5) == 1
+
+
+def test_quiet_process_keeps_warnings_and_our_info(restore_logging, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(console.LOG_LEVEL_ENV, raising=False)
+    console.quiet_process()
+    assert logging.getLogger("ray.train").getEffectiveLevel() == logging.WARNING
+    assert logging.getLogger("DeepSpeed").getEffectiveLevel() == logging.WARNING
+    assert logging.getLogger("mint_ray.training.worker").getEffectiveLevel() == logging.INFO
+    assert logging.getLogger(console.RAY_DATA_PROGRESS_LOGGER).getEffectiveLevel() == logging.INFO
+    cleaner = logging.getLogger(next(iter(console.SILENCED_LOGGERS)))
+    assert not cleaner.isEnabledFor(logging.WARNING) and cleaner.isEnabledFor(logging.ERROR)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        console.quiet_process()  # filters go in front of "default"
+        warnings.warn("torch.distributed.reduce_scatter_tensor is deprecated", FutureWarning, stacklevel=1)
+        warnings.warn("a row was truncated", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["a row was truncated"]
+
+
+def test_verbose_brings_everything_back(restore_logging, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(console.LOG_LEVEL_ENV, "DEBUG")
+    console.quiet_process()
+    assert logging.getLogger().level == logging.DEBUG
+    assert console.ray_train_log_level() == "DEBUG"
+    monkeypatch.setenv(console.LOG_LEVEL_ENV, "")
+    assert console.ray_train_log_level() == "WARNING"
+
+
+def test_summary_lines_show_scalars_short_lists_and_one_level() -> None:
+    lines = console.summary_lines({
+        "model_uri": "s3://b/student/model", "steps": 240, "registered": {"name": "m", "version": "3"},
+        "node_ids": ["a", "b"], "rows": list(range(100)), "nested": {"deep": {"x": 1}}, "none": None})
+    assert lines == ["  model_uri: s3://b/student/model", "  steps: 240", "  registered: name=m, version=3",
+                     "  node_ids: a, b", "  none: None"]
