@@ -298,8 +298,7 @@ def test_scarce_labels_recipe_trains_each_arm_on_its_own_data_at_one_budget() ->
         "oracle_sft_truth_lu": ("sft", ["train", "validation"], "ground_truth", "all")}
     assert {t.data.uri for t in trained.values()} == {cfg.data_uri}
     assert cfg.budget_steps == 1200 and {t.optim.max_steps for t in trained.values()} == {1200}
-    assert {t.loss.nll_over for t in trained.values()} == {t.loss.sft_nll_over for t in trained.values()} \
-        == {"response"}
+    assert {t.nll_span for t in trained.values()} == {"response"}
     assert compare.data_text(trained["sft_truth_l"].data) == (
         "./mint-data/preferences/rare_disease_scarce [train], target ground_truth, filter with_ground_truth")
 

@@ -185,6 +185,9 @@ def test_other_objectives_run(tmp_path: Path, objective: str) -> None:
     (["optim.global_batch_size=7"], "does not equal"),
     (["model.kind=mllama"], "rare_disease is text-only"),
     (["data.target=ground_truth"], "data.target=ground_truth is an SFT target but objective=orpo"),
+    # The one NLL span replaced SFT's own: an old recipe is told what to set instead.
+    (["loss.sft_nll_over=response"], "loss.sft_nll_over was removed: loss.nll_over is now the NLL span of ORPO "
+                                     "and SFT alike"),
 ])
 def test_contradictory_configs_fail_before_workers(tmp_path: Path, overrides: list[str], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
@@ -335,8 +338,8 @@ def test_sft_on_the_ground_truth_of_the_labelled_cases_is_tagged_as_it_ran(tmp_p
                                          "left_out_filtered_no_ground_truth": 4, "left_out_no_ground_truth": 0}
     assert summary["training"]["steps"] == 2 and summary["training"]["data"]["rows_in"] == 4
     tags = mlflow.MlflowClient().get_run(summary["mlflow_run_id"]).data.tags
-    # loss.nll_over (default sequence) is ORPO's; an SFT run's NLL span is sft_nll_over.
-    assert (tags["mint.nll_over"], cfg.loss.nll_over) == ("response", "sequence")
+    # loss.nll_over (default response) is the NLL span of ORPO and SFT alike, recorded with the run.
+    assert (tags["mint.nll_over"], cfg.loss.nll_over) == ("response", "response")
     assert (tags["mint.data.target"], tags["mint.data.filter"], tags["mint.data.splits"]) == \
         ("ground_truth", "with_ground_truth", "train,validation")
     meta = read_metadata(summary["model_uri"])

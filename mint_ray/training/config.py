@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from mint_ray.config import RayConfig, StorageConfig, StrictModel, TrackingConfig
+from mint_ray.errors import ConfigError
 from mint_ray.students import LoraAdapterConfig, StudentKind, TinyStudentConfig
 from mint_ray.training.batching import PairLengthConfig
 from mint_ray.training.deepspeed_config import DeepSpeedConfig, OptimConfig
@@ -38,14 +39,14 @@ class StudentConfig(StrictModel):
 
 class LossConfig(StrictModel):
     beta: float = Field(0.1, gt=0)  # ORPO lambda / DPO beta (paper: 0.1)
-    # TRL's ORPO NLL covers the whole chosen sequence (prompt included); "response"
-    # is the completion-only alternative. The value used is logged with the run.
-    nll_over: Literal["sequence", "response"] = "sequence"
+    # The NLL span of ORPO's NLL term and of SFT alike, so the two arms differ only in the
+    # preference term. "response": the answer only (TRL's completion-only SFT loss);
+    # "sequence": prompt + answer, TRL's ORPO form (the original ORPO code, MINT's runs).
+    # DPO and SimPO have no NLL term. The value used is recorded with the run.
+    nll_over: Literal["sequence", "response"] = "response"
     # SimPO works on a different scale than ORPO/DPO (its paper: beta 2.0, gamma 0.5).
     simpo_beta: float = Field(2.0, gt=0)
     simpo_gamma: float = 0.5
-    # The SFT baseline trains on the chosen answer only (TRL's completion-only loss).
-    sft_nll_over: Literal["sequence", "response"] = "response"
     dpo_label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     # Forward [prompt | chosen | rejected] once instead of the prompt twice.
     packed: bool = True
@@ -53,6 +54,16 @@ class LossConfig(StrictModel):
     # computed from the hidden states only where the loss reads, one chunk's logits alive
     # at a time, instead of full [rows, length, vocab] logits. 0 = off (the plain path).
     logits_chunk_tokens: int = Field(0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        # A recipe written before the one NLL span gets the fix, not only "unknown key".
+        if isinstance(data, dict) and "sft_nll_over" in data:
+            raise ConfigError("loss.sft_nll_over was removed: loss.nll_over is now the NLL span of ORPO and "
+                              "SFT alike (default response, the answer only; sequence adds the prompt): "
+                              "delete loss.sft_nll_over and set loss.nll_over")
+        return data
 
 
 class DataConfig(StrictModel):
@@ -139,3 +150,9 @@ class Config(StrictModel):
     @property
     def name(self) -> str:
         return self.run_name or f"{self.task}-{self.objective}"
+
+    @property
+    def nll_span(self) -> Literal["sequence", "response"] | None:
+        """The span of the NLL term that trains: ``loss.nll_over`` for ORPO and SFT, None for
+        DPO and SimPO (their losses have no NLL term)."""
+        return self.loss.nll_over if self.objective in ("orpo", "sft") else None

@@ -7,11 +7,13 @@ the pair is packed into one sequence or forwarded as two; the objectives in
     out = policy_logps(model, batch, packed=True)
     loss, metrics = orpo_loss(out.chosen, out.rejected, out.chosen_nll, beta, out.valid)
 
-NLL: ``nll_over="sequence"`` (the default, TRL's ORPO and the original ORPO
-code) averages the token NLL over the whole chosen sequence, prompt included;
-``"response"`` over the chosen answer only. Both are token means over the
-batch, as ``CrossEntropyLoss`` computes them. ``PairLogps.nll_over`` records
-which one ran.
+NLL: ``nll_over="sequence"`` (TRL's ORPO and the original ORPO code) averages
+the token NLL over the whole chosen sequence, prompt included; ``"response"``
+over the chosen answer only. Both are token means over the batch, as
+``CrossEntropyLoss`` computes them. ``PairLogps.nll_over`` records which one
+ran. The functions default to TRL's form, the reference the loss tests and
+benchmarks compare against; training passes ``loss.nll_over`` (default
+``response``) explicitly.
 """
 
 from __future__ import annotations

@@ -113,7 +113,7 @@ def run(cfg: Config) -> dict[str, Any]:
                 # The prompt the pairs were written with (datasets from before it was
                 # recorded: the task's defaults); serving asks the same way.
                 "prompt": manifest.meta.get("prompt") or get_task(cfg.task).prompt_record(),
-                "nll_over": cfg.loss.sft_nll_over if cfg.objective == "sft" else cfg.loss.nll_over,
+                "nll_over": cfg.nll_span,  # None: the objective has no NLL term (DPO, SimPO)
                 "lora": cfg.model.lora.model_dump(), "merged": True,
                 "code_version": tracking.code_version()}
     with tracking.stage_run(cfg.tracking, "train", cfg, cfg.storage.root, run_name=cfg.name) as run_:
@@ -121,8 +121,8 @@ def run(cfg: Config) -> dict[str, Any]:
         run_.set_tags({"mint.objective": cfg.objective, "mint.base_model": base_name,
                        "mint.teacher": str(manifest.meta.get("teacher", {}).get("name", "")),
                        "mint.teacher_version": str(manifest.meta.get("teacher", {}).get("version", "")),
-                       # What ran: an SFT run's NLL span is loss.sft_nll_over.
-                       "mint.nll_over": metadata["nll_over"], "mint.data.target": cfg.data.target,
+                       # What ran: the NLL span of ORPO and SFT; "none" for DPO and SimPO.
+                       "mint.nll_over": metadata["nll_over"] or "none", "mint.data.target": cfg.data.target,
                        "mint.data.filter": cfg.data.filter, "mint.data.splits": ",".join(cfg.data.splits)})
         run_.log_dict(selection.as_metrics(), "data_selection.json")
         loop_config = {"config": cfg.model_dump(mode="json"), "base_uri": base_uri,

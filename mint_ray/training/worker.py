@@ -76,9 +76,8 @@ class Objective:
     def __call__(self, policy: Any, batch: PreferenceBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg, loss_cfg = self.cfg, self.cfg.loss
         average = cfg.objective != "dpo"  # DPO compares summed logps; the others, means
-        nll_over = loss_cfg.sft_nll_over if cfg.objective == "sft" else loss_cfg.nll_over
-        if cfg.objective in ("dpo", "simpo"):
-            nll_over = "response"  # their losses never read the NLL: a chunked head skips the prompt
+        # DPO and SimPO never read the NLL: "response" lets a chunked head skip the prompt.
+        nll_over = cfg.nll_span or "response"
         out: PairLogps = policy_logps(policy, batch, packed=loss_cfg.packed, nll_over=nll_over,
                                       average=average, chunk_tokens=loss_cfg.logits_chunk_tokens)
         if cfg.objective == "orpo":
