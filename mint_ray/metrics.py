@@ -19,11 +19,15 @@ Scoring follows the authors' evaluator (MINT.md, "Evaluation"):
   unparseable answer gets C = A = CAR = 0, as in the authors' code.
 
 Every accuracy comes with a percentile bootstrap interval, since the test sets
-are small (tens to hundreds of cases).
+are small (tens to hundreds of cases). Two arms scored on the same cases are
+compared paired: the bootstrap of their per-case differences
+(``paired_difference``) and McNemar's exact test on a binary metric such as
+top-1 (``mcnemar_exact``), which are far tighter than two per-arm intervals.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -247,3 +251,48 @@ def summarise_arm(task: Task, cases: Sequence[CaseScore], arm: str = "",
     }
     return ArmSummary(arm=arm, n=len(cases), n_parseable=sum(c.parseable for c in cases),
                       metrics=metrics)
+
+
+def paired_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray,
+                      n_resamples: int = 1000, seed: int = 0, alpha: float = 0.05) -> Estimate:
+    """mean(a) - mean(b) over the same cases (``a[i]`` and ``b[i]`` score case i) with its
+    paired percentile bootstrap interval.
+
+    Each resample draws case indices once and applies them to both arms, so what the
+    cases share (an easy case is easy for both) cancels; that is the bootstrap of the
+    per-case differences.
+    """
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if x.shape != y.shape:
+        raise ValueError(f"paired_difference needs both arms on the same cases: {x.shape} vs {y.shape}")
+    diff = x - y
+    return Estimate(float(diff.mean()), *bootstrap_ci(diff, np.mean, n_resamples, seed, alpha))
+
+
+@dataclass(frozen=True)
+class McNemar:
+    """McNemar's exact test of two arms on the same cases for a binary metric.
+
+    ``only_a`` / ``only_b``: cases only that arm got right (the discordant pairs; the
+    cases both or neither got right carry no evidence); ``p_value``: two-sided.
+    """
+
+    only_a: int
+    only_b: int
+    p_value: float
+
+
+def mcnemar_exact(a: Sequence[bool] | np.ndarray, b: Sequence[bool] | np.ndarray) -> McNemar:
+    """Two-sided exact McNemar test: under "the arms are equally good", each discordant case
+    is a fair coin, so the smaller discordant count is Binomial(n, 1/2) with n = only_a +
+    only_b, and p = min(1, 2 * P(X <= min(only_a, only_b))) (1.0 when n = 0).
+
+    Exact integer arithmetic (``math.comb``), as ``scipy.stats.binomtest(k, n, 0.5)`` gives.
+    """
+    x, y = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"mcnemar_exact needs both arms on the same cases: {x.shape} vs {y.shape}")
+    only_a, only_b = int((x & ~y).sum()), int((~x & y).sum())
+    n, k = only_a + only_b, min(only_a, only_b)
+    tail = sum(math.comb(n, i) for i in range(k + 1))
+    return McNemar(only_a, only_b, min(1.0, 2 * tail / 2**n))

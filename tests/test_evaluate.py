@@ -21,7 +21,7 @@ from mint_ray.config import build_config, load_config
 from mint_ray.errors import MintError
 from mint_ray.evaluation import compare, promote, rag
 from mint_ray.evaluation import run as evaluate
-from mint_ray.evaluation.report import render_report
+from mint_ray.evaluation.report import Confound, render_report
 from mint_ray.model_folders import METADATA_FILE
 from mint_ray.ray_cluster import worker_env
 from mint_ray.registry import log_student
@@ -257,6 +257,17 @@ def test_registered_model_by_alias_is_pinned_evaluated_and_tagged(
     ({"arms": [{"name": "o", "kind": "orpo", "budget": "own", "train": {"optim": {"max_steps": 5}}}]},
      "budget own and train.optim.max_steps both set"),
     ({"arms": [{"name": "b", "kind": "base", "budget": "own"}]}, "apply to trained kinds"),
+    # Trained arms differ only in their kind and what the recipe lists in varied.
+    ({"arms": [{"name": "sft", "kind": "sft"}, {"name": "orpo", "kind": "orpo", "train": {"optim": {"lr": 0.01}}}]},
+     r"differ in more than their objective: train.optim.lr \(sft 5e-05, orpo 0.01\)\. .*varied: \[train.optim.lr\]"),
+    ({"arms": [{"name": "sft", "kind": "sft"},
+               {"name": "orpo", "kind": "orpo", "train": {"loss": {"nll_over": "sequence"}}}]},
+     r"train.loss.nll_over \(sft response, orpo sequence\)"),
+    ({"arms": [{"name": "sft", "kind": "sft"}, {"name": "dpo", "kind": "dpo", "init_from": "sft", "budget": "own"}],
+      "train": {"optim": {"max_steps": 10}}},
+     r"init_from \(sft none, dpo sft\); budget \(sft 10 steps, dpo 20 steps\)"),
+    ({"varied": ["train.optim.lrr"]}, "varied entry 'train.optim.lrr' names no setting"),
+    ({"varied": ["train.optim.max_steps"]}, "the arm's steps are budget"),
 ])
 def test_compare_configs_that_cannot_work_are_refused(values: dict[str, Any], match: str) -> None:
     with pytest.raises(MintError, match=match):
@@ -267,10 +278,10 @@ def test_compare_checks_training_configs_and_rows_first(tmp_path: Path) -> None:
     prefs = str(tmp_path / "prefs")
     write_prefs(prefs, "rare_disease", n_test=2)
     test = evaluate.load_test_set(prefs, "rare_disease")
-    cfg = build_config(compare.Config, {"task": "rare_disease", "data_uri": prefs,
-                                        "train": {"optim": {"max_stepz": 1}}})
+    # Every trained arm's training config is built with the comparison's config.
     with pytest.raises(MintError, match=r"train settings of arm sft: .*unknown key 'optim.max_stepz'"):
-        compare.prepare_arms(cfg, test, "")
+        build_config(compare.Config, {"task": "rare_disease", "data_uri": prefs, "train": {"optim": {"max_stepz": 1}}})
+    cfg = build_config(compare.Config, {"task": "rare_disease", "data_uri": prefs})
     with pytest.raises(MintError, match=r"train settings of arm s: .*unknown key 'data.targt'"):
         compare.prepare_arms(cfg.model_copy(update={"train": {}, "arms": [
             compare.ArmConfig(name="s", kind="sft", train={"data": {"targt": "ground_truth"}})]}), test, "")
@@ -299,8 +310,29 @@ def test_scarce_labels_recipe_trains_each_arm_on_its_own_data_at_one_budget() ->
     assert {t.data.uri for t in trained.values()} == {cfg.data_uri}
     assert cfg.budget_steps == 1200 and {t.optim.max_steps for t in trained.values()} == {1200}
     assert {t.nll_span for t in trained.values()} == {"response"}
+    assert cfg.varied_settings == ["train.data"] and cfg.confounds() == []
     assert compare.data_text(trained["sft_truth_l"].data) == (
         "./mint-data/preferences/rare_disease_scarce [train], target ground_truth, filter with_ground_truth")
+
+
+def test_arms_may_differ_in_what_the_recipe_varies_or_report_it_as_a_confound() -> None:
+    arms = [{"name": "sft", "kind": "sft"},
+            {"name": "orpo", "kind": "orpo", "train": {"optim": {"lr": 0.01}, "data": {"splits": ["train", "x"]}}}]
+    base = {"task": "rare_disease", "data_uri": "/d", "arms": arms}
+    # A section covers every setting under it.
+    assert build_config(compare.Config, {**base, "varied": ["train.optim.lr", "train.data"]}).confounds() == []
+    with pytest.raises(MintError, match=r"train.data.splits \(sft \[\"train\"\], orpo \[\"train\", \"x\"\]\)"):
+        build_config(compare.Config, {**base, "varied": ["train.optim.lr"]})
+    allowed = build_config(compare.Config, {**base, "varied": ["train.data"], "allow_confounds": True})
+    assert allowed.confounds() == [Confound("train.optim.lr", {"sft": "5e-05", "orpo": "0.01"})]
+    # The local recipes mark what their DPO arm varies; the default arms vary the same.
+    for name in ("compare_rare_disease", "compare_tissue_type"):
+        cfg = load_config(compare.Config, SCARCE.parent / f"{name}.yaml")
+        assert cfg.confounds() == [] and cfg.varied_settings == ["init_from", "budget", "train.optim.lr"]
+        assert {compare.train_config(cfg, a, "/b").nll_span for a in cfg.arm_configs if a.kind in ("sft", "orpo")} \
+            == {"response"}
+    assert build_config(compare.Config, {"task": "rare_disease", "data_uri": "/d"}).varied_settings == [
+        "init_from", "budget"]
 
 
 def test_an_arm_started_from_another_trains_the_rest_of_the_budget() -> None:
@@ -309,7 +341,7 @@ def test_an_arm_started_from_another_trains_the_rest_of_the_budget() -> None:
             {"name": "dpo2", "kind": "dpo", "init_from": "sft", "budget": "own"},
             {"name": "orpo", "kind": "orpo"}]
     cfg = build_config(compare.Config, {"task": "rare_disease", "data_uri": "/d", "arms": arms,
-                                        "train": {"optim": {"max_steps": 240}}})
+                                        "train": {"optim": {"max_steps": 240}}, "varied": ["init_from", "budget"]})
     sft, dpo, dpo2, orpo = cfg.arm_configs
     assert [cfg.own_steps(sft, 0), cfg.own_steps(dpo, 100), cfg.own_steps(dpo2, 100), cfg.own_steps(orpo, 0)] \
         == [100, 140, 240, 240]

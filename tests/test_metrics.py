@@ -17,7 +17,9 @@ from mint_ray.metrics import (
     first_match_rank,
     is_match,
     k_values,
+    mcnemar_exact,
     normalise,
+    paired_difference,
     score_case,
     similarity,
     summarise_arm,
@@ -283,3 +285,60 @@ def test_summarise_arm_tissue_reports_car():
 def test_summarise_arm_without_cases_is_an_error():
     with pytest.raises(MintError, match="no cases"):
         summarise_arm(RARE_DISEASE, [], arm="base")
+
+
+# ---- paired comparisons of two arms on the same cases -------------------------
+def test_paired_difference_of_identical_arms_is_zero():
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 2, 200).astype(float)
+    est = paired_difference(a, a, n_resamples=500, seed=3)
+    assert (est.value, est.low, est.high) == (0.0, 0.0, 0.0)
+
+
+def test_paired_difference_of_a_clearly_better_arm_is_above_zero():
+    rng = np.random.default_rng(2)
+    b = rng.integers(0, 2, 200).astype(float)
+    a = b.copy()
+    a[np.flatnonzero(b == 0)[:40]] = 1.0          # right on 40 more cases, wrong on none
+    est = paired_difference(a, b, n_resamples=1000, seed=0)
+    assert est.value == pytest.approx(0.2)
+    assert 0 < est.low < est.value < est.high
+    # Paired, the shared difficulty of the cases cancels: tighter than two per-arm intervals.
+    per_arm = [bootstrap_ci(x, np.mean, 1000, 0) for x in (a, b)]
+    assert est.high - est.low < min(high - low for low, high in per_arm)
+
+
+def test_paired_difference_resamples_cases_once_for_both_arms():
+    # Equal on every case but one: a per-arm resampling would scatter the difference,
+    # a paired one keeps it near 1/n.
+    b = np.array([1.0, 0.0] * 50)
+    a = b.copy()
+    a[1] = 1.0
+    est = paired_difference(a, b, n_resamples=2000, seed=5)
+    assert est.value == pytest.approx(0.01) and 0.0 <= est.low <= est.high <= 0.04
+    assert paired_difference(a, b, 200, seed=9) == paired_difference(a, b, 200, seed=9)   # seedable
+    with pytest.raises(ValueError, match="same cases"):
+        paired_difference(a, b[:-1])
+
+
+def test_mcnemar_exact_hand_computed():
+    # 1 case only arm A got right, 6 only arm B: p = 2 * (C(7,0) + C(7,1)) / 2^7 = 16/128.
+    a = np.array([True] + [False] * 6 + [True] * 5 + [False] * 3)
+    b = np.array([False] + [True] * 6 + [True] * 5 + [False] * 3)
+    result = mcnemar_exact(a, b)
+    assert (result.only_a, result.only_b, result.p_value) == (1, 6, 0.125)
+    assert mcnemar_exact(b, a).p_value == 0.125                     # two-sided: symmetric
+    # 0 vs 12 discordant: 2 / 2^12; no discordant case: no evidence, p = 1.
+    assert mcnemar_exact([False] * 12, [True] * 12).p_value == pytest.approx(2 / 4096)
+    assert mcnemar_exact([True, False], [True, False]).p_value == 1.0
+    # Balanced discordance: 5 vs 5 is p = 1 (capped), never above.
+    assert mcnemar_exact([True] * 5 + [False] * 5, [False] * 5 + [True] * 5).p_value == 1.0
+
+
+def test_mcnemar_exact_matches_scipy_binomtest():
+    stats = pytest.importorskip("scipy.stats")
+    for only_a, only_b in [(3, 10), (40, 60), (17, 17), (0, 30)]:
+        a = [True] * only_a + [False] * only_b + [True] * 4
+        b = [False] * only_a + [True] * only_b + [True] * 4
+        expected = stats.binomtest(min(only_a, only_b), only_a + only_b, 0.5).pvalue
+        assert mcnemar_exact(a, b).p_value == pytest.approx(expected, rel=1e-9)

@@ -25,6 +25,7 @@ from mint_ray.evaluation import (
     training_table,
     write_report,
 )
+from mint_ray.evaluation.report import Confound, paired_comparisons, reference_arms
 from mint_ray.tasks import RARE_DISEASE, TISSUE_TYPE
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -149,7 +150,7 @@ def test_bar_chart_is_a_png():
 def test_render_and_write_report(tmp_path):
     report = render_report(RARE_DISEASE, rare_records(), n_resamples=200, seed=7)
     assert set(report.files) == {"report.md", "metrics.csv", "per_label.csv", "accuracy.png",
-                                 "generations.jsonl", "summary.json"}
+                                 "generations.jsonl", "summary.json", "paired_differences.json"}
     uris = write_report(report, str(tmp_path / "out"))
     assert sorted(uris) == sorted(str(tmp_path / "out" / name) for name in report.files)
 
@@ -178,12 +179,12 @@ def arm_trainings() -> list[ArmTraining]:
     """A comparison's arms as trained: DPO took a budget of its own on top of SFT."""
     return [ArmTraining("base", "base", "none (the base model)", trained=False, own_steps=0, steps=0,
                         own_tokens=0, tokens=0),
-            ArmTraining("sft", "sft", "p [train], target ground_truth", own_steps=240, steps=240,
-                        own_tokens=9000, tokens=9000),
+            ArmTraining("sft", "sft", "p [train], target ground_truth", nll_over="response", own_steps=240,
+                        steps=240, own_tokens=9000, tokens=9000),
             ArmTraining("dpo", "dpo", "p [train], target chosen", init_from="sft", own_steps=240,
                         steps=480, own_tokens=20000, tokens=29000),
-            ArmTraining("orpo", "orpo", "p [train, validation], target chosen", own_steps=240, steps=240,
-                        own_tokens=21000, tokens=21000),
+            ArmTraining("orpo", "orpo", "p [train, validation], target chosen", nll_over="response",
+                        own_steps=240, steps=240, own_tokens=21000, tokens=21000),
             ArmTraining("teacher", "teacher", "the teacher's ranking", trained=False)]
 
 
@@ -209,12 +210,14 @@ def test_report_shows_each_arm_data_steps_and_tokens(tmp_path):
     md = report.files["report.md"].decode()
     section = md[md.index("## Training"):md.index("## Per label")]
     assert "Step budget: 240 optimizer steps per trained arm" in section
-    assert "| dpo | dpo | p [train], target chosen | sft | 240 | 480 | 20000 | 29000 | **differs" in section
-    assert "| orpo | orpo | p [train, validation], target chosen | n/a | 240 | 240 | 21000 | 21000 | equal |" \
-        in section
+    assert "| dpo | dpo | p [train], target chosen | n/a | sft | 240 | 480 | 20000 | 29000 | **differs" in section
+    assert "| orpo | orpo | p [train, validation], target chosen | response | n/a | 240 | 240 | 21000 | 21000 | " \
+        "equal |" in section
+    assert "`nll_over`: the span of the arm's NLL term" in section and "NLL spans differ" not in section
     rows = list(csv.DictReader(io.StringIO(report.files["training.csv"].decode())))
     assert [r["arm"] for r in rows] == ["base", "sft", "dpo", "orpo", "teacher"]
     assert rows[1]["data"] == "p [train], target ground_truth" and rows[1]["tokens"] == "9000"
+    assert [r["nll_over"] for r in rows] == ["", "response", "", "response", ""]
 
 
 def test_report_is_deterministic():
@@ -226,15 +229,18 @@ def test_report_is_deterministic():
 
 def test_report_warns_when_arms_saw_different_cases():
     records = [r for r in rare_records() if not (r["arm"] == "orpo" and r["sample_id"] == "s4")]
-    md = render_report(RARE_DISEASE, records, n_resamples=50).files["report.md"].decode()
+    md = render_report(RARE_DISEASE, records, n_resamples=50, references=()).files["report.md"].decode()
     assert "different cases (3 shared; base (1 extra))" in md
+    # Paired differences need the same cases: the arm that lacks one is named.
+    with pytest.raises(MintError, match=r"arm 'orpo' lacks 1 of the cases of arm 'base' \(e.g. 's4'\)"):
+        render_report(RARE_DISEASE, records, n_resamples=50)
 
 
 def test_arm_without_teacher_lists_gets_no_car_bar():
     base = {"arm": "base", "sample_id": "t1", "label": "Breast",
             "generation": tissue_answer("Breast")}
     records = [*tissue_records(), base]
-    report = render_report(TISSUE_TYPE, records, n_resamples=50)
+    report = render_report(TISSUE_TYPE, records, n_resamples=50, references=())
     rows = {r["arm"]: r for r in metrics_table(report.summaries).to_pylist()}
     assert rows["base"]["car"] is None and rows["sft"]["car"] is not None
     assert report.files["accuracy.png"].startswith(PNG_SIGNATURE)
@@ -249,3 +255,86 @@ def test_arm_without_teacher_lists_gets_no_car_bar():
 def test_bad_records_are_clear_errors(records, message):
     with pytest.raises(MintError, match=message):
         render_report(RARE_DISEASE, records)
+
+
+# ---- paired differences and confounds ----------------------------------------
+def three_arm_records() -> list[dict]:
+    """base and orpo of ``rare_records``, and an sft arm that answers as base does."""
+    records = rare_records()
+    return [*records, *({**r, "arm": "sft"} for r in records if r["arm"] == "base")]
+
+
+KINDS = [ArmTraining("base", "base", "none", trained=False), ArmTraining("sft", "sft", "p", nll_over="response"),
+         ArmTraining("orpo", "orpo", "p", nll_over="response")]
+
+
+def test_reference_arms_are_sft_then_base():
+    assert reference_arms(["base", "sft", "orpo"], {"base": "base", "sft": "sft", "orpo": "orpo"}) == ["sft", "base"]
+    assert reference_arms(["a", "b"], {}) == ["a"]                  # no SFT arm: the first arm
+    assert reference_arms(["base", "orpo"], {"base": "base", "orpo": "orpo"}) == ["base"]
+
+
+def test_paired_differences_hand_computed():
+    report = render_report(RARE_DISEASE, three_arm_records(), n_resamples=300, training=KINDS)
+    pairs = [(p.arm, p.reference) for p in report.paired]
+    # Against SFT, then against the base, arms in their order; SFT - base once, never base - SFT.
+    assert pairs == [("orpo", "sft"), ("orpo", "base"), ("sft", "base")]
+    orpo_sft = report.paired[0]
+    # top-1: orpo right on s1, s2, base/sft on none; top-10: orpo s1-s3, base s1; MRR (1+1+.5)/4 - .1/4.
+    assert orpo_sft.differences["top1"].value == pytest.approx(0.5)
+    assert orpo_sft.differences["top10"].value == pytest.approx(0.5)
+    assert orpo_sft.differences["mrr"].value == pytest.approx(0.6)
+    assert (orpo_sft.top1.only_a, orpo_sft.top1.only_b, orpo_sft.top1.p_value) == (2, 0, 0.5)
+    assert not orpo_sft.significant
+    same = report.paired[2]
+    assert {name: (e.value, e.low, e.high) for name, e in same.differences.items()} == {
+        "top1": (0, 0, 0), "top10": (0, 0, 0), "mrr": (0, 0, 0)}
+    md = report.files["report.md"].decode()
+    section = md[md.index("## Paired differences"):md.index("## Training")]
+    assert "| orpo | sft | 4 | +0.500 [" in section and "| 2 / 0 | 0.5 | no |" in section
+    assert "| sft | base | 4 | +0.000 [+0.000, +0.000] |" in section
+    assert section.index("| orpo | sft |") < section.index("| orpo | base |")
+    saved = json.loads(report.files["paired_differences.json"])
+    assert saved[0] == json.loads(json.dumps(orpo_sft.as_dict()))
+    assert (saved[0]["top1_diff"], saved[0]["top1_mcnemar_p"], saved[0]["top1_significant"]) == (0.5, 0.5, False)
+    # The chart gains a panel: wider than the bars alone.
+    alone = Image.open(io.BytesIO(bar_chart_png(report.summaries, "t")))
+    both = Image.open(io.BytesIO(report.files["accuracy.png"]))
+    assert both.size[0] > alone.size[0] + 200
+
+
+def test_paired_cases_are_matched_by_case_id_not_position():
+    records = three_arm_records()
+    shuffled = [r for r in records if r["arm"] != "orpo"] + [r for r in reversed(records) if r["arm"] == "orpo"]
+    scored, scored_shuffled = (score_records(RARE_DISEASE, rs) for rs in (records, shuffled))
+    assert paired_comparisons(RARE_DISEASE, scored, ["sft"], 200) == \
+        paired_comparisons(RARE_DISEASE, scored_shuffled, ["sft"], 200)
+
+
+def test_a_clearly_better_arm_is_significant():
+    others = [f"Other {c}" for c in "ABCDEFGHI"]
+    records = [{"arm": arm, "sample_id": f"c{i}", "label": "Marfan syndrome",
+                "generation": disease_answer(*(["Marfan syndrome", *others] if arm == "orpo" or i < 10 else others))}
+               for arm in ("sft", "orpo") for i in range(40)]
+    (p,) = render_report(RARE_DISEASE, records, n_resamples=300, training=KINDS[1:]).paired
+    assert (p.arm, p.reference, p.top1.only_a, p.top1.only_b) == ("orpo", "sft", 30, 0)
+    assert p.significant and p.top1.p_value == pytest.approx(2 / 2**30)
+    assert p.differences["top1"].low > 0
+
+
+def test_confounds_open_the_report():
+    confound = Confound("train.optim.lr", {"sft": "0.005", "orpo": "0.01"})
+    md = render_report(RARE_DISEASE, three_arm_records(), n_resamples=50, training=KINDS,
+                       varied=["train.data"], confounds=[confound]).files["report.md"].decode()
+    section = md[md.index("## Confounds"):md.index("## Metrics")]
+    assert "**Warning: the trained arms differ in more than their objective.**" in section
+    assert "| train.optim.lr | sft: 0.005; orpo: 0.01 |" in section
+    assert "Settings the recipe varies between arms (`varied`): `train.data`." in md
+    assert "## Confounds" not in render_report(RARE_DISEASE, three_arm_records(), n_resamples=50,
+                                               training=KINDS).files["report.md"].decode()
+
+
+def test_training_section_warns_when_nll_spans_differ():
+    training = [KINDS[0], KINDS[1], ArmTraining("orpo", "orpo", "p", nll_over="sequence")]
+    md = render_report(RARE_DISEASE, three_arm_records(), n_resamples=50, training=training).files["report.md"]
+    assert "**Warning: the arms' NLL spans differ (response, sequence)**" in md.decode()

@@ -36,6 +36,25 @@ marks every arm whose total differs. Without a budget the arms train by epochs.
 - ``model``: any model given by ``model_uri``; a trained kind with a
   ``model_uri`` reuses that model instead of training.
 
+Arms that differ only in what is compared: the arms trained here must have equal
+effective training configs except for their objective (``kind``) and the settings
+the recipe lists in ``varied``. Each entry is a dotted path: ``train.<setting>``
+(``train.optim.lr``, or a whole section such as ``train.data``, covering everything
+under it), ``init_from`` (the arm starts from another arm's model) or ``budget``
+(the arm's total optimizer steps from the base model differ: ``budget: own``, or
+its own ``train.optim.max_steps``). Any other difference (say one arm's lr, or an
+NLL span) is refused when the config is built, with a ``ConfigError`` naming the
+arms, the setting and their values; ``allow_confounds: true`` runs anyway and the
+report opens with a Confounds section listing every such setting. Without ``arms``
+the paper's default arms vary ``init_from`` and ``budget`` (DPO after SFT, on a
+budget of its own). Arms given by ``model_uri`` are not checked: their training
+is not configured here.
+
+The report's paired differences compare every arm with the SFT arm (the first of
+kind ``sft``) and with the base arm: mean differences on the same cases with
+paired bootstrap intervals, and McNemar's exact test on top-1
+(``evaluation.report``).
+
 MLflow: each trained arm's training run gets the evaluation metrics
 (``eval.<split>.*``) and the report, registered versions get ``eval.*`` tags
 (for ``mint-ray promote``), and a comparison run holds every arm's metrics
@@ -45,9 +64,10 @@ MLflow: each trained arm's training run gets the evaluation metrics
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
@@ -59,8 +79,11 @@ from mint_ray.evaluation import promote
 from mint_ray.evaluation.generate import GenerationConfig, generate
 from mint_ray.evaluation.report import (
     ArmTraining,
+    Confound,
     budget_marks,
+    confounds_markdown,
     metrics_markdown,
+    paired_markdown,
     render_report,
     to_markdown,
     training_table,
@@ -130,6 +153,56 @@ def _refuse_set_here(train: Mapping[str, Any], set_here: Mapping[str, str], wher
                          + ": the comparison sets these itself, remove them")
 
 
+# Arm-level settings a recipe may list in ``varied`` besides ``train.<setting>`` paths.
+ARM_SETTINGS = ("init_from", "budget")
+# The training settings the comparison sets per arm: the objective is what is compared, and
+# where an arm starts and how many steps it takes are compared as init_from and budget.
+_SET_PER_ARM = ("objective", "run_name", "output_uri", "model.path", "model.tiny", "model.reference_path",
+                "optim.max_steps")
+# The paper's default arms: DPO starts from SFT, on a budget of its own.
+DEFAULT_ARMS_VARIED = ("init_from", "budget")
+
+
+def flat_settings(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as ``{prefix + dotted.path: value}``; lists are values (pure)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(flat_settings(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def covers(varied: str, setting: str) -> bool:
+    """Whether a ``varied`` entry covers ``setting``: itself, or a section above it (pure)."""
+    return setting == varied or setting.startswith(varied + ".")
+
+
+def _value_text(value: Any) -> str:
+    if value is None:
+        return "none"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+_UNSET = object()
+
+
+def find_confounds(settings: Mapping[str, Mapping[str, Any]], varied: Sequence[str]) -> list[Confound]:
+    """The settings whose values differ between arms (``settings``: arm -> its flat settings),
+    leaving out those a ``varied`` entry covers; in first-seen order (pure)."""
+    names = list(dict.fromkeys(name for flat in settings.values() for name in flat))
+    confounds = []
+    for name in names:
+        if any(covers(v, name) for v in varied):
+            continue
+        values = {arm: flat.get(name, _UNSET) for arm, flat in settings.items()}
+        if len({_value_text(v) if v is not _UNSET else "unset" for v in values.values()}) > 1:
+            confounds.append(Confound(name, {arm: "unset" if v is _UNSET else _value_text(v)
+                                             for arm, v in values.items()}))
+    return confounds
+
+
 def _max_steps(train: Mapping[str, Any]) -> int | None:
     """``optim.max_steps`` of a raw ``train`` block when it is a step count (else the build says why)."""
     optim = train.get("optim")
@@ -196,6 +269,13 @@ class Config(StrictModel):
     retrieval: RetrievalConfig = RetrievalConfig()
     output_uri: str | None = Field(None, description="default <root>/comparisons/<task>")
     bootstrap_resamples: int = Field(1000, gt=0)
+    varied: list[str] | None = Field(None, description=(
+        "settings the trained arms may differ in besides their kind: train.<dotted setting> (a section "
+        "covers what is under it), init_from, budget; default: none, or init_from and budget for the "
+        "default arms"))
+    allow_confounds: bool = Field(False, description=(
+        "run although the trained arms differ in settings not in varied; the report lists them "
+        "under Confounds"))
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
@@ -216,7 +296,6 @@ class Config(StrictModel):
             raise ValueError(f"split {self.split!r} is also in train_splits: the arms would be trained on "
                              "their test cases")
         _refuse_set_here(self.train, SHARED_SET_HERE, "train")
-        planned: dict[str, int | None] = {}
         for arm in arms:
             if arm.kind not in TRAINED:
                 continue
@@ -225,11 +304,58 @@ class Config(StrictModel):
             if isinstance(splits, list) and self.split in splits:
                 raise ValueError(f"arm {arm.name}: train.data.splits {splits} hold the test split "
                                  f"{self.split!r}: the arm would be trained on its test cases")
-            # The budget is checked here as planned (a given model's steps are known only when read).
+        confounds = self.confounds()
+        if confounds and not self.allow_confounds:
+            found = "; ".join(f"{c.setting} (" + ", ".join(f"{arm} {v}" for arm, v in c.values.items()) + ")"
+                              for c in confounds)
+            raise ConfigError(
+                f"the trained arms differ in more than their objective: {found}. List a setting the "
+                f"comparison means to vary in varied (here: varied: [{', '.join(c.setting for c in confounds)}]), "
+                "make the arms' settings equal, or set allow_confounds: true to run anyway (the report "
+                "then lists them under Confounds)")
+        return self
+
+    @property
+    def varied_settings(self) -> list[str]:
+        """``varied``, or for the default arms the settings they vary (DPO after SFT)."""
+        if self.varied is not None:
+            return self.varied
+        return list(DEFAULT_ARMS_VARIED) if self.arms is None else []
+
+    def planned_steps(self) -> dict[str, int | None]:
+        """Every trained arm's total steps from the base model as planned; None where unknown
+        (a given model's steps are known only when read, and without a budget epochs decide)."""
+        planned: dict[str, int | None] = {}
+        for arm in self.arm_configs:
+            if arm.kind not in TRAINED:
+                continue
             chain = planned.get(arm.init_from) if arm.init_from else 0
             own = None if arm.model_uri or chain is None else self.own_steps(arm, chain)
             planned[arm.name] = None if own is None or chain is None else chain + own
-        return self
+        return planned
+
+    def confounds(self) -> list[Confound]:
+        """The settings in which the arms trained here differ beyond their kind and ``varied``.
+
+        Compares the arms' effective training configs (``train_config``, defaults filled in),
+        their ``init_from`` and their planned total steps (``budget``). A ``varied`` entry that
+        names no such setting is a ``ConfigError`` (a typo would silently allow nothing).
+        """
+        planned = self.planned_steps()
+        settings = {
+            arm.name: {"init_from": arm.init_from,
+                       "budget": "unknown" if planned[arm.name] is None else f"{planned[arm.name]} steps",
+                       **{name: value for name, value in
+                          flat_settings(train_config(self, arm, "base").model_dump(mode="json"), "train.").items()
+                          if not any(covers(f"train.{fixed}", name) for fixed in _SET_PER_ARM)}}
+            for arm in self.arm_configs if arm.kind in TRAINED and not arm.model_uri}
+        known = {name for flat in settings.values() for name in flat}
+        for entry in self.varied if settings and self.varied else ():
+            if not any(covers(entry, name) for name in known):
+                raise ConfigError(f"varied entry {entry!r} names no setting the trained arms can differ in: use "
+                                  f"{', '.join(ARM_SETTINGS)} or train.<a training setting> (e.g. train.optim.lr, "
+                                  "train.data); the arm's steps are budget")
+        return find_confounds(settings, self.varied_settings)
 
     @property
     def budget_steps(self) -> int | None:
@@ -341,7 +467,7 @@ def _given_training(arm: ArmConfig, model: PreparedModel | None) -> ArmTraining:
     if data and meta.get("data_splits"):
         data += f" [{', '.join(meta['data_splits'])}], target {meta.get('data_target', 'chosen')}"
     return ArmTraining(arm.name, arm.kind, f"given model {model.uri} (trained on {data or 'unknown data'})",
-                       trained=arm.kind in TRAINED, own_steps=steps, steps=steps)
+                       trained=arm.kind in TRAINED, nll_over=meta.get("nll_over"), own_steps=steps, steps=steps)
 
 
 def base_model_uri(cfg: Config) -> str:
@@ -402,7 +528,8 @@ def prepare_arms(cfg: Config, test: TestSet, tracking_uri: str
         steps, world = summary["training"]["steps"], summary["training"]["world_size"]
         tokens = trained_tokens(arm_cfg, models[arm.name].local_dir, steps, world)
         trainings[arm.name] = ArmTraining(
-            arm.name, arm.kind, data_text(arm_cfg.data), init_from=arm.init_from, own_steps=steps,
+            arm.name, arm.kind, data_text(arm_cfg.data), nll_over=arm_cfg.nll_span, init_from=arm.init_from,
+            own_steps=steps,
             steps=None if before.steps is None else before.steps + steps, own_tokens=tokens,
             tokens=None if before.tokens is None else before.tokens + tokens)
     return models, {a.name: trainings[a.name] for a in cfg.arm_configs}
@@ -420,6 +547,7 @@ def run(cfg: Config) -> dict[str, Any]:
     report_uri = storage.join(cfg.output(), "report")
     check_output(report_uri, cfg.storage.overwrite)
     arms = cfg.arm_configs
+    confounds = cfg.confounds()  # allowed by the recipe, else the config was refused
     # Prompts first: a RAG or teacher arm that cannot work fails before any training.
     answers: dict[str, dict[str, str]] = {a.name: test.teacher_generations() for a in arms if a.kind == "teacher"}
     requests = {a.name: test.requests(cfg.retrieval if a.kind == "rag" else None)
@@ -443,14 +571,19 @@ def run(cfg: Config) -> dict[str, Any]:
         records = [r for arm in arms for r in test.records(arm.name, answers[arm.name])]
         report = render_report(test.task, records, n_resamples=cfg.bootstrap_resamples,
                                title=f"{cfg.task}: {len(arms)} arms on {cfg.split} ({len(test.cases)} cases)",
-                               training=training, budget_steps=cfg.budget_steps)
+                               training=training, budget_steps=cfg.budget_steps, varied=cfg.varied_settings,
+                               confounds=confounds)
         files = write_report(report, report_uri)
         summaries = {s.arm: s.as_dict() for s in report.summaries}
+        paired = [p.as_dict() for p in report.paired]
         if run_.run_id:
             budget = {f"{t.arm}.train_{name}": float(value) for t in training
                       for name, value in (("steps", t.steps), ("tokens", t.tokens)) if value is not None}
-            log_evaluation(run_.run_id, {**budget, **{k: v for arm, s in summaries.items()
-                                                      for k, v in metric_values(s, f"{arm}.").items()}},
+            differences = {k: v for p in paired
+                           for k, v in metric_values(p, f"{p['arm']}-vs-{p['reference']}.").items()}
+            log_evaluation(run_.run_id, {**budget, **differences,
+                                         **{k: v for arm, s in summaries.items()
+                                            for k, v in metric_values(s, f"{arm}.").items()}},
                            report, "report")
             for arm in arms:
                 model = models.get(arm.name)
@@ -466,7 +599,11 @@ def run(cfg: Config) -> dict[str, Any]:
                                                                 run_id=run_.run_id, model_uri=model.uri)))
     table = metrics_markdown(report.summaries)
     print(f"\nComparison on {cfg.split} ({len(test.cases)} cases), report at {report_uri}:\n{table}\n"
-          f"Training (budget {cfg.budget_steps or 'none'}):\n{to_markdown(training_table(training, cfg.budget_steps))}",
+          + (f"Paired differences:\n{paired_markdown(report.paired, cfg.bootstrap_resamples)}\n"
+             if report.paired else "")
+          + (f"CONFOUNDS:\n{confounds_markdown(confounds)}\n" if confounds else "")
+          + f"Training (budget {cfg.budget_steps or 'none'}; varied: "
+          f"{', '.join(cfg.varied_settings) or 'nothing'}):\n{to_markdown(training_table(training, cfg.budget_steps))}",
           flush=True)
     return {"task": cfg.task, "output_uri": cfg.output(), "report_uri": report_uri, "files": files,
             "arms": {a.name: {"kind": a.kind, "model_uri": models[a.name].uri if a.name in models else None,
@@ -474,5 +611,7 @@ def run(cfg: Config) -> dict[str, Any]:
                               "registered": models[a.name].registered if a.name in models else None,
                               "data": trainings[a.name].data, "steps": trainings[a.name].steps,
                               "tokens": trainings[a.name].tokens, "budget": marks[a.name],
-                              **summaries[a.name]} for a in arms},
+                              "nll_over": trainings[a.name].nll_over, **summaries[a.name]} for a in arms},
+            "paired_differences": paired, "varied": cfg.varied_settings,
+            "confounds": [dataclasses.asdict(c) for c in confounds],
             "table": table, "mlflow_run_id": run_.run_id, "seconds": round(time.time() - t0, 1)}

@@ -6,15 +6,26 @@ raw text) and, for CAR, ``teacher_top`` / ``teacher_bottom`` (the teacher's
 top-5 and bottom-5 lists). Output: the files of one report, rendered in memory
 (``render_report``) and then stored by ``write_report`` through ``storage``:
 
-- ``report.md``      the metrics table with intervals, the chart, the per-label table;
+- ``report.md``      the metrics table with intervals, the paired differences, the chart,
+  the per-label table (and, from ``compare``, the Confounds and Training sections);
 - ``metrics.csv``    one row per arm: every metric with ``_ci_low`` / ``_ci_high``;
 - ``per_label.csv``  one row per (label, arm);
-- ``accuracy.png``   grouped bars with bootstrap error bars;
+- ``accuracy.png``   grouped bars with bootstrap error bars, and a second panel with the
+  paired differences against the reference arms;
 - ``generations.jsonl`` every raw generation with its parse and score, the
   unparseable ones included;
 - ``summary.json``   ``{arm: ArmSummary.as_dict()}``, for a stage's summary / MLflow;
+- ``paired_differences.json`` when two or more arms: ``PairedComparison.as_dict()`` per
+  (arm, reference) pair;
 - ``training.csv``   when the caller gives each arm's training (``ArmTraining``): its
-  data, steps and tokens, and whether it kept the step budget (also in ``report.md``).
+  data, NLL span, steps and tokens, and whether it kept the step budget (also in ``report.md``).
+
+Paired differences: every arm against the reference arms (``reference_arms``: the SFT
+arm, or the first arm without one, and the base arm when present), on the same cases
+matched by ``sample_id``: the mean difference of each headline metric (top-1, top-k,
+MRR) with its paired bootstrap interval, and McNemar's exact test on top-1. Two per-arm
+intervals that overlap say little; the paired interval is what says whether one arm
+beats another on these cases. An arm missing any of the reference's cases is an error.
 
 Everything except ``write_report`` is pure.
 """
@@ -24,7 +35,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -39,8 +50,13 @@ from mint_ray.metrics import (
     THRESHOLD,
     ArmSummary,
     CaseScore,
+    Estimate,
+    McNemar,
     aggregate,
+    case_values,
     k_values,
+    mcnemar_exact,
+    paired_difference,
     score_case,
     summarise_arm,
 )
@@ -187,8 +203,11 @@ def metrics_markdown(summaries: Sequence[ArmSummary], digits: int = 3) -> str:
                        *(cell(s, name) for name in names)] for s in summaries))
 
 
-def bar_chart_png(summaries: Sequence[ArmSummary], title: str) -> bytes:
-    """Grouped bars (one group per metric, one bar per arm) with the CIs as error bars.
+def bar_chart_png(summaries: Sequence[ArmSummary], title: str,
+                  paired: Sequence[PairedComparison] = ()) -> bytes:
+    """Grouped bars (one group per metric, one bar per arm) with the CIs as error bars, and
+    with ``paired`` a second panel: each arm's paired difference to its reference with
+    its interval, around a zero line.
 
     Drawn on a bare ``Figure`` with the Agg canvas, so no pyplot global state or
     display is involved. Only metrics every arm has are drawn; MRR, coverage and
@@ -198,9 +217,11 @@ def bar_chart_png(summaries: Sequence[ArmSummary], title: str) -> bytes:
              if m not in ("mrr", "coverage", "avoidance")
              and all(m in s.metrics for s in summaries)]
     # Wide enough for every bar plus the legend on the right.
-    fig = Figure(figsize=(3.0 + len(names) * (0.6 + 0.4 * len(summaries)), 4.5))
+    width_bars = 3.0 + len(names) * (0.6 + 0.4 * len(summaries))
+    width_paired = 3.5 + len(paired[0].differences) * (0.5 + 0.15 * len(paired)) if paired else 0.0
+    fig = Figure(figsize=(width_bars + width_paired, 4.5))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    ax = fig.add_subplot(1, 2, 1) if paired else fig.add_subplot()
     x = np.arange(len(names))
     width = 0.8 / max(1, len(summaries))
     for i, summary in enumerate(summaries):
@@ -220,10 +241,30 @@ def bar_chart_png(summaries: Sequence[ArmSummary], title: str) -> bytes:
     ax.set_ylabel("score")
     ax.set_title(title)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    if paired:
+        _paired_panel(fig.add_subplot(1, 2, 2), paired)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     return buffer.getvalue()
+
+
+def _paired_panel(ax: Any, paired: Sequence[PairedComparison]) -> None:
+    """One marker per (arm vs reference) and metric: the mean paired difference, its interval."""
+    names = list(paired[0].differences)
+    x = np.arange(len(names))
+    step = 0.8 / max(1, len(paired))
+    for i, comparison in enumerate(paired):
+        est = [comparison.differences[name] for name in names]
+        values = np.array([e.value for e in est])
+        yerr = np.array([[max(0.0, e.value - e.low) for e in est], [max(0.0, e.high - e.value) for e in est]])
+        ax.errorbar(x + (i - (len(paired) - 1) / 2) * step, values, yerr=yerr, fmt="o", capsize=3,
+                    markersize=4, label=f"{comparison.arm} - {comparison.reference}")
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xticks(x, names)
+    ax.set_ylabel("paired difference")
+    ax.set_title(f"paired difference, {100 * (1 - paired[0].alpha):g}% CI")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
 
 
 def generations_jsonl(scored: Sequence[ScoredRecord]) -> str:
@@ -251,19 +292,143 @@ def _sample_set_note(scored: Sequence[ScoredRecord]) -> str:
 
 
 @dataclass(frozen=True)
+class PairedComparison:
+    """One arm against a reference arm on the same cases.
+
+    ``differences``: per headline metric, mean(arm - reference) with its paired bootstrap
+    interval; ``top1``: McNemar's exact test on top-1, significant when p < ``alpha``.
+    """
+
+    arm: str
+    reference: str
+    n: int
+    differences: dict[str, Estimate]
+    top1: McNemar
+    alpha: float
+
+    @property
+    def significant(self) -> bool:
+        return self.top1.p_value < self.alpha
+
+    def as_dict(self) -> dict[str, float | int | str | bool]:
+        """Flat and JSON-able: ``top1_diff``, ``top1_diff_ci_low``, ..., ``top1_mcnemar_p``."""
+        out: dict[str, float | int | str | bool] = {"arm": self.arm, "reference": self.reference, "n": self.n}
+        for name, est in self.differences.items():
+            out.update({f"{name}_diff": est.value, f"{name}_diff_ci_low": est.low,
+                        f"{name}_diff_ci_high": est.high})
+        return {**out, "top1_only_arm": self.top1.only_a, "top1_only_reference": self.top1.only_b,
+                "top1_mcnemar_p": self.top1.p_value, "top1_significant": self.significant}
+
+
+def reference_arms(arms: Sequence[str], kinds: Mapping[str, str]) -> list[str]:
+    """The arms every other arm is compared against: the first of kind ``sft`` (without
+    one, the first arm), then the first of kind ``base`` when present."""
+    sft = next((a for a in arms if kinds.get(a) == "sft"), arms[0] if arms else None)
+    base = next((a for a in arms if kinds.get(a) == "base"), None)
+    return [a for a in dict.fromkeys((sft, base)) if a is not None]
+
+
+def paired_comparisons(task: Task, scored: Sequence[ScoredRecord], references: Sequence[str],
+                       n_resamples: int = 1000, seed: int = 0, alpha: float = 0.05) -> list[PairedComparison]:
+    """Every arm against each reference (``reference_arms``) on the cases matched by ``sample_id``.
+
+    A pair both of whose arms are references is shown once, against the earlier reference
+    (SFT - base, not base - SFT). An arm that lacks a case of the other is a ``MintError``
+    naming it: a paired difference over different cases would compare different questions.
+    """
+    cases = {arm: {r.sample_id: r.score for r in records} for arm, records in _by_arm(scored).items()}
+    unknown = [r for r in references if r not in cases]
+    if unknown:
+        raise MintError(f"reference arm(s) {', '.join(unknown)} have no records: compare against one of "
+                        f"{', '.join(cases)}")
+    ks = k_values(task)
+    names = [*(f"top{k}" for k in ks), "mrr"]
+    out = []
+    for ref in references:
+        for arm in cases:
+            if arm == ref or (arm in references and references.index(arm) > references.index(ref)):
+                continue
+            for lacking, other in ((arm, ref), (ref, arm)):
+                missing = sorted(cases[other].keys() - cases[lacking].keys())
+                if missing:
+                    raise MintError(f"arm {lacking!r} lacks {len(missing)} of the cases of arm {other!r} (e.g. "
+                                    f"{missing[0]!r}): paired differences need every arm answered on the same "
+                                    "cases; evaluate it on the same split and max_cases")
+            ids = sorted(cases[ref])
+            ours = case_values([cases[arm][i] for i in ids], ks)
+            theirs = case_values([cases[ref][i] for i in ids], ks)
+            differences = {name: paired_difference(ours[name], theirs[name], n_resamples, seed, alpha)
+                           for name in names}
+            out.append(PairedComparison(arm, ref, len(ids), differences,
+                                        mcnemar_exact(ours["top1"] > 0, theirs["top1"] > 0), alpha))
+    return out
+
+
+def _signed(value: float, digits: int) -> str:
+    return f"{value:+.{digits}f}"
+
+
+def paired_markdown(paired: Sequence[PairedComparison], n_resamples: int, digits: int = 3) -> str:
+    """The paired-differences section: how to read it, then one row per (arm, reference)."""
+    if not paired:
+        return ""
+    names = list(paired[0].differences)
+    level = f"{100 * (1 - paired[0].alpha):g}%"
+
+    def cell(est: Estimate) -> str:
+        excludes_zero = est.low > 0 or est.high < 0
+        return (f"{_signed(est.value, digits)} [{_signed(est.low, digits)}, {_signed(est.high, digits)}]"
+                + ("*" if excludes_zero else ""))
+
+    rows = ([p.arm, p.reference, str(p.n), *(cell(p.differences[n]) for n in names),
+             f"{p.top1.only_a} / {p.top1.only_b}", f"{p.top1.p_value:.3g}",
+             "**yes**" if p.significant else "no"] for p in paired)
+    return (f"Each arm minus the reference arm on the same cases (matched by case id): the mean "
+            f"difference with its {level} paired bootstrap interval ({n_resamples} resamples; each draws "
+            f"the case indices once for both arms), `*` where the interval excludes 0. Top-1 is also "
+            f"tested with McNemar's exact two-sided test: `only arm / only ref` counts the cases only "
+            f"one of the two got right; significant when p < {paired[0].alpha:g}.\n\n"
+            + _markdown(["arm", "vs", "n", *(f"{n} diff" for n in names), "top1 only arm / only ref",
+                         "McNemar p", "top1 significant"], rows))
+
+
+@dataclass(frozen=True)
+class Confound:
+    """A setting in which trained arms differ although the recipe does not mark it as varied:
+    ``values`` gives each arm's value, as text."""
+
+    setting: str
+    values: dict[str, str]
+
+
+def confounds_markdown(confounds: Sequence[Confound]) -> str:
+    """The loud section: every setting that differs between arms beyond their objective."""
+    return ("**Warning: the trained arms differ in more than their objective.** The recipe set "
+            "`allow_confounds: true`; the settings below differ between arms and are not in its "
+            "`varied` list, so a difference between these arms may come from them and not from "
+            "the objective.\n\n"
+            + _markdown(["setting", "values"], ([c.setting, _cell("; ".join(f"{arm}: {v}" for arm, v in
+                                                                            c.values.items()), 3)]
+                                                for c in confounds)))
+
+
+@dataclass(frozen=True)
 class ArmTraining:
     """What one arm was trained on, for the training table.
 
     ``steps`` and ``tokens`` count from the base model, the arms it starts from
     included (``own_steps`` / ``own_tokens``: this arm's run alone); None where
     unknown (a given model). ``trained`` is False for an arm that trains nothing
-    (base, RAG, the teacher): the step budget does not apply to it.
+    (base, RAG, the teacher): the step budget does not apply to it. ``nll_over``: the
+    span of its NLL term (``response`` or ``sequence``), None without one (DPO, SimPO,
+    untrained arms).
     """
 
     arm: str
     kind: str
     data: str
     trained: bool = True
+    nll_over: str | None = None
     init_from: str | None = None
     own_steps: int | None = None
     steps: int | None = None
@@ -299,7 +464,8 @@ def training_table(training: Sequence[ArmTraining], budget: int | None) -> pa.Ta
     marks = budget_marks(training, budget)
     return pa.table({
         "arm": [t.arm for t in training], "kind": [t.kind for t in training],
-        "data": [t.data for t in training], "starts_from": [t.init_from for t in training],
+        "data": [t.data for t in training], "nll_over": [t.nll_over for t in training],
+        "starts_from": [t.init_from for t in training],
         "own_steps": pa.array([t.own_steps for t in training], pa.int64()),
         "steps": pa.array([t.steps for t in training], pa.int64()),
         "own_tokens": pa.array([t.own_tokens for t in training], pa.int64()),
@@ -312,9 +478,14 @@ def training_markdown(training: Sequence[ArmTraining], budget: int | None) -> st
     rule = (f"Step budget: {budget} optimizer steps per trained arm, counting the steps of the arm it "
             "starts from." if budget is not None else
             "No step budget was set (train.optim.max_steps): the arms trained by epochs.")
+    spans = {t.nll_over for t in training if t.nll_over is not None}
+    nll_warning = (f"\n\n**Warning: the arms' NLL spans differ ({', '.join(sorted(spans))})**: an arm's NLL "
+                   "over the prompt changes what it learns, not only its objective." if len(spans) > 1 else "")
     return (f"{rule} `steps` and `tokens` are totals from the base model (`own_*`: the arm's own "
             "run); tokens are those the model was run on (prompt once, chosen and rejected "
-            "answer). An arm whose steps differ is marked in `budget`.\n\n"
+            "answer). An arm whose steps differ is marked in `budget`. `nll_over`: the span of the "
+            "arm's NLL term (ORPO, SFT): `response` the answer only, `sequence` prompt and answer "
+            f"(TRL's ORPO form); n/a: no NLL term.{nll_warning}\n\n"
             + to_markdown(training_table(training, budget)))
 
 
@@ -325,26 +496,41 @@ def summary_dict(summaries: Sequence[ArmSummary]) -> dict[str, dict[str, float |
 
 @dataclass(frozen=True)
 class Report:
-    """A rendered report: its summaries and its files (name -> content)."""
+    """A rendered report: its summaries, its paired comparisons and its files (name -> content)."""
 
     summaries: list[ArmSummary]
     files: dict[str, bytes]
+    paired: list[PairedComparison] = field(default_factory=list)
 
 
 def render_report(task: Task, records: Iterable[Mapping[str, Any]], *, title: str | None = None,
                   n_resamples: int = 1000, seed: int = 0, alpha: float = 0.05,
                   threshold: float = THRESHOLD, training: Sequence[ArmTraining] | None = None,
-                  budget_steps: int | None = None) -> Report:
-    """Score ``records`` and render every file of the report in memory; with ``training``, a
-    section and ``training.csv`` give each arm's data, steps and tokens against ``budget_steps``."""
+                  budget_steps: int | None = None, references: Sequence[str] | None = None,
+                  varied: Sequence[str] = (), confounds: Sequence[Confound] = ()) -> Report:
+    """Score ``records`` and render every file of the report in memory.
+
+    With ``training``, a section and ``training.csv`` give each arm's data, NLL span, steps and
+    tokens against ``budget_steps``, and the settings the comparison ``varied`` between arms.
+    ``references``: the arms the paired differences are taken against; None: ``reference_arms``
+    by the arms' kinds in ``training`` (without it, the first arm); empty: no paired table.
+    ``confounds`` (settings the arms differ in beyond their objective, allowed by the recipe)
+    get a loud section before the metrics.
+    """
     scored = score_records(task, records, threshold)
     if not scored:
         raise MintError("no generations to report on: the evaluation wrote no records")
     summaries = summarise_arms(task, scored, n_resamples, seed, alpha)
+    arms = [s.arm for s in summaries]
+    if references is None:
+        references = reference_arms(arms, {t.arm: t.kind for t in training or ()})
+    paired = paired_comparisons(task, scored, references, n_resamples, seed, alpha) if len(arms) > 1 else []
     title = title or f"{task.name}: comparison of {len(summaries)} arms"
     level = f"{100 * (1 - alpha):g}%"
     metrics = metrics_table(summaries)
     per_label = per_label_table(task, scored)
+    varied_text = (f"Settings the recipe varies between arms (`varied`): {', '.join(f'`{v}`' for v in varied)}."
+                   "\n\n" if varied else "")
     markdown = (
         f"# {title}\n\n"
         f"Task `{task.name}`; top-k over the first {task.n_answers} answers. A prediction "
@@ -353,25 +539,30 @@ def render_report(task: Task, records: Iterable[Mapping[str, Any]], *, title: st
         f"(column `unparseable`). Intervals: {level} percentile bootstrap over cases, "
         f"{n_resamples} resamples, seed {seed}.\n\n"
         + _sample_set_note(scored)
+        + (f"## Confounds\n\n{confounds_markdown(confounds)}\n" if confounds else "")
         + "## Metrics\n\n" + metrics_markdown(summaries)
+        + (f"\n## Paired differences\n\n{paired_markdown(paired, n_resamples)}" if paired else "")
         + "\n![metrics by arm](accuracy.png)\n\n"
-        + (f"## Training\n\n{training_markdown(training, budget_steps)}\n" if training else "")
+        + (f"## Training\n\n{varied_text}{training_markdown(training, budget_steps)}\n" if training else "")
         + "## Per label\n\n" + to_markdown(per_label)
         + "\nFiles: `metrics.csv`, `per_label.csv`, `generations.jsonl` (every raw "
         "generation with its parse and score), `summary.json`"
+        + (", `paired_differences.json`" if paired else "")
         + (", `training.csv`" if training else "") + ".\n"
     )
     files = {
         "report.md": markdown.encode(),
         "metrics.csv": to_csv(metrics).encode(),
         "per_label.csv": to_csv(per_label).encode(),
-        "accuracy.png": bar_chart_png(summaries, f"{task.name}: {level} bootstrap CI"),
+        "accuracy.png": bar_chart_png(summaries, f"{task.name}: {level} bootstrap CI", paired),
         "generations.jsonl": generations_jsonl(scored).encode(),
         "summary.json": json.dumps(summary_dict(summaries), indent=2).encode(),
     }
+    if paired:
+        files["paired_differences.json"] = json.dumps([p.as_dict() for p in paired], indent=2).encode()
     if training:
         files["training.csv"] = to_csv(training_table(training, budget_steps)).encode()
-    return Report(summaries=summaries, files=files)
+    return Report(summaries=summaries, files=files, paired=paired)
 
 
 def write_report(report: Report, out_uri: str) -> list[str]:
