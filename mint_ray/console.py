@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
@@ -44,10 +45,15 @@ SILENCED_LOGGERS = {
     # each failed poll is a warning, and the placement group is still removed.
     "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
 }
+# Modules that log under their file path (logging.getLogger(__file__)), not a dotted name:
+# Ray Train's per-report INFO line ("Reporting training result ...") from every rank.
+FILE_NAMED_LOGGERS = ("ray.train.v2._internal.execution.context",)
 SILENCED_WARNINGS = (
-    # DeepSpeed's ZeRO-3 calls the old name on every step (49 times a run); nothing to do.
-    (FutureWarning, r".*reduce_scatter_tensor is deprecated"),
-    (FutureWarning, r".*all_gather_into_tensor is deprecated"),
+    # DeepSpeed's ZeRO-3 calls the old names on every step (49 times a run); nothing to do.
+    (FutureWarning, r".*reduce_scatter_tensor`? is deprecated"),
+    (FutureWarning, r".*all_gather_into_tensor`? is deprecated"),
+    # transformers asks DeepSpeed's engine through a renamed property.
+    (FutureWarning, r".*`is_gradient_checkpointing` is deprecated"),
     # torch's ZeRO-3 hooks and transformers' generation defaults: advice for library authors.
     (UserWarning, r".*TypedStorage is deprecated"),
     (UserWarning, r".*`torch_dtype` is deprecated"),
@@ -76,12 +82,24 @@ def quiet_process() -> None:
         logging.getLogger(name).setLevel(level)
     for category, message in SILENCED_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
+    for module in FILE_NAMED_LOGGERS:
+        logging.getLogger(_module_file(module)).setLevel(logging.WARNING)
+    # transformers' and the Hub's download/load/save bars (read when they are imported).
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.getLogger(RAY_DATA_PROGRESS_LOGGER).setLevel(logging.INFO)
     if "ray.data" in sys.modules and progress_mode() == "lines":
         from ray.data import DataContext
 
         # Off a terminal: one "Total Progress" line every 30 s, not a block per operator.
         DataContext.get_current().enable_operator_progress_bars = False
+
+
+def _module_file(module: str) -> str:
+    """A module's file path without importing it (the hook runs in every worker at start)."""
+    top, *rest = module.split(".")
+    spec = importlib.util.find_spec(top)
+    root = os.path.dirname(spec.origin) if spec is not None and spec.origin else top
+    return os.path.join(root, *rest) + ".py"
 
 
 def setup(verbose_flag: bool = False) -> None:

@@ -69,6 +69,10 @@ def test_quiet_process_keeps_warnings_and_our_info(restore_logging, monkeypatch:
     assert logging.getLogger("DeepSpeed").getEffectiveLevel() == logging.WARNING
     assert logging.getLogger("mint_ray.training.worker").getEffectiveLevel() == logging.INFO
     assert logging.getLogger(console.RAY_DATA_PROGRESS_LOGGER).getEffectiveLevel() == logging.INFO
+    # Ray Train's report line logs under its file's path: the same path the module has.
+    import ray.train.v2._internal.execution.context as train_context
+
+    assert not logging.getLogger(train_context.__file__).isEnabledFor(logging.INFO)
     cleaner = logging.getLogger(next(iter(console.SILENCED_LOGGERS)))
     assert not cleaner.isEnabledFor(logging.WARNING) and cleaner.isEnabledFor(logging.ERROR)
     with warnings.catch_warnings(record=True) as caught:
@@ -76,7 +80,8 @@ def test_quiet_process_keeps_warnings_and_our_info(restore_logging, monkeypatch:
         console.quiet_process()  # filters go in front of "default"
         warnings.warn("torch.distributed.reduce_scatter_tensor is deprecated", FutureWarning, stacklevel=1)
         warnings.warn("a row was truncated", UserWarning, stacklevel=1)
-    assert [str(w.message) for w in caught] == ["a row was truncated"]
+    messages = [str(w.message) for w in caught]
+    assert "a row was truncated" in messages and not any("reduce_scatter" in m for m in messages)
 
 
 def test_verbose_brings_everything_back(restore_logging, monkeypatch: pytest.MonkeyPatch) -> None:
