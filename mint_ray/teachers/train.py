@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from mint_ray import storage
+from mint_ray import console, storage
 from mint_ray.config import RayConfig, StorageConfig, StrictModel, TrackingConfig
 from mint_ray.errors import MintError
 from mint_ray.images import ImageLimits, ImageRejected, decode_rgb
@@ -307,7 +307,7 @@ def _build_teacher(cfg: Config, name: str, labels: tuple[str, ...], table: pa.Ta
 
 def run(cfg: Config) -> dict[str, Any]:
     """Train, evaluate and save one teacher; returns a JSON-able summary."""
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from mint_ray.ray_cluster import init_ray
@@ -343,7 +343,8 @@ def run(cfg: Config) -> dict[str, Any]:
             scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                          resources_per_worker={k: v for k, v in cfg.resources_per_worker.items()
                                                                if v}),
-            run_config=RunConfig(name=f"teacher-{name}", storage_path=ray_dir))
+            run_config=RunConfig(name=f"teacher-{name}", storage_path=ray_dir,
+                                 logging_config=LoggingConfig(log_level=console.ray_train_log_level())))
         started = time.time()
         try:
             trainer.fit()

@@ -115,7 +115,8 @@ class Config(StrictModel):
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     scaling: WorkerScalingConfig = WorkerScalingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
-    log_every_n_steps: int = Field(1, gt=0)
+    # MLflow metrics every N steps (the console shows progress on its own schedule).
+    log_every_n_steps: int = Field(10, gt=0)
     output_uri: str | None = None  # default: <storage.root>/students/<run name>
     registry: RegistryConfig = RegistryConfig()
     storage: StorageConfig = StorageConfig()

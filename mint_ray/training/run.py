@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mint_ray import storage, students, tracking
+from mint_ray import console, storage, students, tracking
 from mint_ray.errors import ConfigError, MintError
 from mint_ray.model_folders import local_copy, publish_dir, read_metadata
 from mint_ray.ray_cluster import init_ray
@@ -139,7 +139,8 @@ def run(cfg: Config) -> dict[str, Any]:
             run_config=ray.train.RunConfig(
                 name="checkpoints", storage_path=storage_path, storage_filesystem=storage_fs,
                 failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep)))
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+                logging_config=ray.train.LoggingConfig(log_level=console.ray_train_log_level())))
         result = trainer.fit()
         if result.error is not None:
             raise result.error

@@ -2,8 +2,9 @@
 
 One process per GPU (or CPU slot). Every rank: loads the student partitioned
 under ZeRO-3, tokenizes the preference table, takes its equal share of pairs,
-and steps in lockstep. Rank 0 prints the step/ETA line, logs to MLflow and
-writes the consolidated model at the end.
+and steps in lockstep. Rank 0 shows the progress (a bar on a terminal, else a line
+every few steps or 30 s), logs to MLflow every ``log_every_n_steps`` and writes the
+consolidated model at the end.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from mint_ray import losses, storage, students
+from mint_ray import console, losses, storage, students
 from mint_ray.model_folders import local_copy, publish_dir, write_metadata
 from mint_ray.training.batching import EncodedPair, PreferenceBatch, collate_pairs, encode_rows
 from mint_ray.training.config import Config
@@ -197,7 +198,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                  steps_per_epoch, total_steps, cfg.deepspeed.zero_stage, cfg.objective, cfg.loss.packed)
         _log(mlflow_client, loop_config, {f"data.{k}": v for k, v in stats.as_metrics().items()}, 0)
 
-    t0 = time.time()
+    progress = console.Progress(f"[train] {cfg.objective}", total_steps, logger=log, start=start_step,
+                                every_n=console.every_n_for(total_steps)) if rank == 0 else None
     run_tokens, run_seconds = 0.0, 0.0
     for step in range(start_step, total_steps):
         epoch, index = divmod(step, steps_per_epoch)
@@ -230,11 +232,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         agg["lr"] = scheduler.get_last_lr()[0] if scheduler is not None else cfg.optim.lr
         agg["step"] = step + 1
         done = step + 1
+        if progress is not None:
+            progress.update(1, loss=agg["loss"], lr=f"{agg['lr']:.1e}", **{"tok/s": round(agg["tokens_per_s"])})
         if rank == 0 and (done % cfg.log_every_n_steps == 0 or done == total_steps):
-            elapsed = time.time() - t0
-            eta = elapsed / (done - start_step) * (total_steps - done)
-            log.info("[train] step %d/%d loss %.4f lr %.2e tok/s %.0f elapsed %.0fs eta %.0fs", done, total_steps,
-                     agg["loss"], agg["lr"], agg["tokens_per_s"], elapsed, eta)
             _log(mlflow_client, loop_config, agg, done)
         if done % cfg.checkpoint.every_n_steps == 0 or done == total_steps:
             with tempfile.TemporaryDirectory() as ckpt_dir:
@@ -243,6 +243,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 ray.train.report(agg, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir),
                                  checkpoint_dir_name=f"checkpoint_step{done:06d}")
 
+    if progress is not None:
+        progress.close()
     # Per-rank figures (ZeRO-3 shards parameters and optimizer state across ranks).
     # ZeRO wraps the torch optimizer; its state (Adam moments) covers this rank's partition.
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
