@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "mint_ray"
 
 MATH = ("mint_ray.losses", "mint_ray.metrics", "mint_ray.tasks", "mint_ray.preferences.pairs",
-        "mint_ray.preferences.validate")
+        "mint_ray.preferences.validate", "mint_ray.text_baseline")
 MATH_MAY_NOT_IMPORT = ("ray", "deepspeed", "mlflow", "boto3", "botocore", "pyarrow", "fsspec", "os",
                        "shutil", "tempfile", "pathlib", "subprocess", "socket", "urllib", "requests",
                        "mint_ray.storage", "mint_ray.tracking", "mint_ray.registry", "mint_ray.model_folders",

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -33,8 +34,17 @@ from mint_ray.teachers import (
 )
 from mint_ray.teachers.clip import ClipSettings, build_tiny_clip, contrastive_loss
 from mint_ray.teachers.fusion import FusionSettings, FusionTeacher
+from mint_ray.teachers.loader import read_spec
 from mint_ray.teachers.protocol import SPEC_FILE
-from mint_ray.teachers.train import Config, _user_error, read_cases, run, shard_positions
+from mint_ray.teachers.train import (
+    TEXT_CEILING_FILE,
+    TEXT_CEILING_SCHEMA,
+    Config,
+    _user_error,
+    read_cases,
+    run,
+    shard_positions,
+)
 from mint_ray.tokenizer import train_tokenizer
 
 # Rare disease: label i = (colour i // 2) x (word group i % 2), so top-1 needs both
@@ -322,6 +332,45 @@ def test_fusion_run_is_tracked_with_lineage(fusion: dict[str, Any]) -> None:
     assert "note" not in json.dumps(mlflow_run.data.params).lower()
 
 
+def test_knowledge_check_compares_the_teacher_with_a_text_only_ceiling(fusion: dict[str, Any]) -> None:
+    import mlflow
+
+    s = fusion["summary"]
+    knowledge = s["knowledge"]
+    assert read_spec(s["teacher_uri"]).metrics["knowledge"] == knowledge  # the folder's metadata
+    teacher, text = knowledge["teacher"]["validation"], knowledge["text_only"]["validation"]
+    assert teacher["top1"] == pytest.approx(s["top1"])
+    # The note names the word group (4 of 8 labels), the image the colour (2 of 8): the
+    # teacher with both beats the note alone by far, and its note-only score is text-bound.
+    assert text["top1"] < 0.5 and teacher["note_top1"] < 0.5 < teacher["top1"]
+    assert knowledge["margin"] == pytest.approx(teacher["top1"] - text["top1"]) and knowledge["passed"]
+    assert "test" not in knowledge["teacher"]  # the cohort has no test split
+    ceiling = pq.read_table(Path(s["teacher_uri"]) / TEXT_CEILING_FILE)
+    assert ceiling.schema.equals(TEXT_CEILING_SCHEMA) and ceiling.num_rows == 64
+    ranked = ceiling["ranked_labels"].to_pylist()
+    assert all(sorted(r) == sorted(DISEASES) for r in ranked)
+    hits = np.mean([r[0] == label for r, label in zip(ranked, ceiling["label"].to_pylist(), strict=True)])
+    assert hits == pytest.approx(text["top1"])
+    mlflow.set_tracking_uri(f"sqlite:///{Path(fusion['root']) / 'mlflow.db'}")
+    metrics = mlflow.get_run(s["mlflow_run_id"]).data.metrics
+    assert metrics["knowledge_margin"] == pytest.approx(knowledge["margin"])
+    assert metrics["text_top1_validation"] == pytest.approx(text["top1"])
+    assert metrics["teacher_image_top1_validation"] == pytest.approx(teacher["image_top1"])
+
+
+def test_teacher_without_the_margin_is_refused_and_not_saved(fusion: dict[str, Any], tmp_path: Path) -> None:
+    out = str(tmp_path / "refused")
+    # No teacher can beat the note by a whole 1.0 of top-1.
+    cfg = fusion["cfg"].model_copy(update={
+        "output_uri": out, "epochs": 1, "tracking": fusion["cfg"].tracking.model_copy(update={"enabled": False}),
+        "knowledge_check": fusion["cfg"].knowledge_check.model_copy(update={"min_margin": 1.0,
+                                                                            "on_fail": "error"})})
+    with pytest.raises(MintError, match=r"knowledge available to transfer on validation: teacher top-1 "
+                                        r"0\.\d{3} - text-only top-1 0\.\d{3}.*Nothing was saved"):
+        run(cfg)
+    assert not storage.exists(storage.join(out, SPEC_FILE))
+
+
 def test_existing_teacher_is_not_replaced_without_overwrite(fusion: dict[str, Any]) -> None:
     with pytest.raises(MintError, match="already holds a teacher"):
         run(fusion["cfg"])
@@ -333,6 +382,7 @@ def test_existing_teacher_is_not_replaced_without_overwrite(fusion: dict[str, An
 def test_tiny_clip_zero_shot_beats_chance_by_far(clip: dict[str, Any]) -> None:
     s = clip["summary"]
     assert s["labels"] == 6 and s["eval_rows"] == 60
+    assert s["knowledge"]["skipped"] == "no notes in the train split"
     assert s["top1"] > 3 * s["chance_top1"], s
     teacher = load_teacher(s["teacher_uri"], device="cpu")
     assert teacher.kind == "clip" and teacher.requires == ("image",)

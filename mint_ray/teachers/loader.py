@@ -14,7 +14,7 @@ import contextlib
 import importlib
 import json
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -66,16 +66,20 @@ def read_spec(uri: str) -> TeacherSpec | None:
 
 def save_teacher_dir(teacher: SavableTeacher, uri: str, *, overwrite: bool = False,
                      lineage: dict[str, Any] | None = None,
-                     metrics: dict[str, Any] | None = None) -> TeacherSpec:
+                     metrics: dict[str, Any] | None = None,
+                     extra_files: Mapping[str, bytes] | None = None) -> TeacherSpec:
     """Save ``teacher`` at ``uri`` (local path or ``s3://``) and return its spec.
 
     The teacher writes its files into a local folder (its version becomes the
-    weights' hash), the spec gets ``lineage``/``metrics``, then the folder is
+    weights' hash), ``extra_files`` (name -> bytes: results that travel with the
+    teacher) are added, the spec gets ``lineage``/``metrics``, then the folder is
     published to ``uri`` with the spec written last.
     """
     with tempfile.TemporaryDirectory(prefix="mint-teacher-") as tmp:
         local = Path(tmp)
         spec = teacher.save_pretrained(local)
+        for name, data in (extra_files or {}).items():
+            (local / name).write_bytes(data)
         spec = replace(spec, lineage={**spec.lineage, **(lineage or {})},
                        metrics={**spec.metrics, **(metrics or {})})
         (local / SPEC_FILE).write_text(spec.to_json())

@@ -5,12 +5,22 @@ driver checks the cohort and builds the untrained teacher (tokenizer trained on
 the train notes or label prompts), then a ``TorchTrainer`` runs data-parallel
 workers (DDP; gloo on CPU, NCCL on GPU). Each worker reads the cohort's train
 split itself and takes its rank's shard, decoding images locally. Rank 0
-evaluates held-out top-1/top-k after every epoch and, at the end, saves the
+evaluates held-out top-1/top-k (every ``eval_every`` epochs) and, at the end, saves the
 teacher directory to ``output_uri``, where the preference job loads it.
+
+The knowledge-available check (``knowledge_check``; issue 21, SCIENCE.md check A):
+before training, the driver fits a text-only ceiling (:mod:`mint_ray.text_baseline`, a
+linear classifier on the note) on the train split (L) and scores it on the held-out
+split (U) and the test split (T). At the end rank 0 scores the teacher on U with both
+inputs, the note only and the image only, and on T; the teacher's top-1 on U minus the
+text-only top-1 on U is the knowledge available to transfer. Below ``min_margin`` the
+stage fails before saving (``on_fail: error``) or warns. The text-only ceiling's
+rankings are saved in the teacher folder (``TEXT_CEILING_FILE``) for a comparison arm.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -23,6 +33,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from pydantic import Field
 
 from mint_ray import console, storage
@@ -33,10 +44,31 @@ from mint_ray.tasks import get_task
 from mint_ray.teachers.clip import ClipSettings
 from mint_ray.teachers.fusion import FusionSettings
 from mint_ray.teachers.protocol import SPEC_FILE, Case, TeacherSpec, score_all, top_k_accuracy
+from mint_ray.text_baseline import DEFAULT_C, fit_text_classifier, knowledge_verdict, ranked_labels
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ("sample_id", "task", "split", "note", "image_uri", "label")
+# The text-only ceiling's rankings, in the teacher folder: one row per scored case.
+TEXT_CEILING_FILE = "text_ceiling.parquet"
+TEXT_CEILING_SCHEMA = pa.schema([
+    pa.field("sample_id", pa.string(), nullable=False),
+    pa.field("split", pa.string(), nullable=False),
+    pa.field("label", pa.string(), nullable=False),      # the ground truth
+    pa.field("ranked_labels", pa.list_(pa.string()), nullable=False),  # every label, most likely first
+    pa.field("probabilities", pa.list_(pa.float32()), nullable=False),  # aligned with ranked_labels
+])
+
+
+class KnowledgeCheck(StrictModel):
+    """Whether the teacher knows more than the note: its top-1 on the held-out split minus
+    a text-only linear classifier's, both trained on the train split."""
+
+    enabled: bool = Field(True, description="fit the text-only ceiling and compare (needs notes)")
+    min_margin: float = Field(0.05, ge=-1, le=1, description="least teacher - text-only top-1")
+    on_fail: Literal["error", "warn"] = Field(
+        "warn", description="error: refuse to save a teacher below the margin; warn: save and say so")
+    text_c: float = Field(DEFAULT_C, gt=0, description="the text classifier's inverse regularisation")
 
 
 class Config(StrictModel):
@@ -56,6 +88,8 @@ class Config(StrictModel):
     weight_decay: float = Field(0.01, ge=0)
     seed: int = 0
     eval_split: Literal["validation", "test"] = "validation"
+    eval_every: int = Field(1, ge=1, description="held-out evaluation every n epochs (and the last)")
+    knowledge_check: KnowledgeCheck = Field(default_factory=KnowledgeCheck)
     top_k: int | None = Field(None, ge=1, description="default: the task's answer count")
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = Field(False, description="one GPU per worker unless resources_per_worker "
@@ -170,6 +204,54 @@ def plan_cohort(table: pa.Table, manifest: storage.Manifest, cfg: Config,
                       skipped=dict(skipped + skipped_eval))
 
 
+# ---------------------------------------------------------------- the text-only ceiling
+
+
+@dataclass(frozen=True)
+class TextCeiling:
+    """The text-only classifier's accuracy per scored split and its rankings (Parquet bytes)."""
+
+    accuracy: dict[str, dict[str, float]]
+    predictions: bytes
+
+
+def scored_splits(cfg: Config) -> list[str]:
+    """The held-out split (U) and the test split (T), once each."""
+    return list(dict.fromkeys([cfg.eval_split, "test"]))
+
+
+def text_ceiling(rows: dict[str, list[Any]], cfg: Config, labels: tuple[str, ...],
+                 k: int) -> TextCeiling | None:
+    """Fit the note-only classifier on the train split and score the held-out and test
+    splits; None when the train split has no notes (an image-only task)."""
+    train, _ = select_rows(rows, cfg.task, "train", labels, need_image=False)
+    train = [i for i in train if rows["note"][i] and rows["note"][i].strip()]
+    if len({rows["label"][i] for i in train}) < 2:
+        return None
+    model = fit_text_classifier([rows["note"][i] for i in train], [rows["label"][i] for i in train],
+                                labels, c=cfg.knowledge_check.text_c)
+    index = {label: i for i, label in enumerate(labels)}
+    accuracy: dict[str, dict[str, float]] = {}
+    out: dict[str, list[Any]] = {name: [] for name in TEXT_CEILING_SCHEMA.names}
+    for split in scored_splits(cfg):
+        keep, _ = select_rows(rows, cfg.task, split, labels, need_image=cfg.kind == "clip")
+        if not keep:
+            continue
+        probs = model.probabilities([rows["note"][i] for i in keep])
+        truth = np.array([index[rows["label"][i]] for i in keep])
+        accuracy[split] = {"top1": top_k_accuracy(probs, truth, 1),
+                           "topk": top_k_accuracy(probs, truth, k)}
+        order = np.argsort(-probs, axis=1, kind="stable")
+        out["sample_id"] += [rows["sample_id"][i] for i in keep]
+        out["split"] += [split] * len(keep)
+        out["label"] += [rows["label"][i] for i in keep]
+        out["ranked_labels"] += ranked_labels(probs, labels)
+        out["probabilities"] += np.take_along_axis(probs, order, axis=1).astype(np.float32).tolist()
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pydict(out, schema=TEXT_CEILING_SCHEMA), buffer)
+    return TextCeiling(accuracy, buffer.getvalue())
+
+
 # ---------------------------------------------------------------- Ray Train worker
 
 
@@ -202,6 +284,44 @@ def read_cases(cohort_uri: str, task: str, split: str, labels: tuple[str, ...],
         decoded[i] = Case(note=rows["note"][i], image=image)
     return ([decoded[i] for i in chosen],
             np.array([index[rows["label"][i]] for i in chosen], dtype=np.int64))
+
+
+def final_scores(teacher: Any, cfg: Config, labels: tuple[str, ...], held: list[Case],
+                 held_truth: np.ndarray, k: int) -> dict[str, dict[str, float]]:
+    """The trained teacher's top-1/top-k per scored split; on the held-out split also with
+    the note only and the image only (fusion), which says where its knowledge comes from."""
+    need_image = cfg.kind == "clip"
+    out: dict[str, dict[str, float]] = {}
+    for split in scored_splits(cfg):
+        cases, truth = ((held, held_truth) if split == cfg.eval_split else
+                        read_cases(cfg.cohort(), cfg.task, split, labels, need_image))
+        if not cases:
+            continue
+        scores = score_all(teacher, cases)
+        out[split] = {"top1": top_k_accuracy(scores, truth, 1), "topk": top_k_accuracy(scores, truth, k)}
+        if split == cfg.eval_split and cfg.kind == "fusion":
+            for only, kept in (("note_top1", [Case(note=c.note, image=None) for c in cases]),
+                               ("image_top1", [Case(note=None, image=c.image) for c in cases])):
+                out[split][only] = top_k_accuracy(score_all(teacher, kept), truth, 1)
+    return out
+
+
+def knowledge_summary(cfg: Config, teacher_scores: dict[str, dict[str, float]],
+                      text: dict[str, dict[str, float]] | None) -> dict[str, Any]:
+    """What the teacher knows beyond the note, for the spec, the result and MLflow; raises
+    (``on_fail: error``) when the margin is absent."""
+    check = cfg.knowledge_check
+    summary: dict[str, Any] = {"split": cfg.eval_split, "teacher": teacher_scores, "text_only": text,
+                               "min_margin": check.min_margin, "on_fail": check.on_fail}
+    if text is None or cfg.eval_split not in text:
+        return {**summary, "margin": None, "passed": None,
+                "skipped": "disabled" if not check.enabled else "no notes in the train split"}
+    verdict = knowledge_verdict(teacher_scores[cfg.eval_split]["top1"], text[cfg.eval_split]["top1"],
+                                check.min_margin)
+    if not verdict.passed and check.on_fail == "error":
+        raise MintError(f"{verdict.message(cfg.eval_split)}. Nothing was saved.")
+    return {**summary, "margin": verdict.margin, "passed": verdict.passed,
+            "message": verdict.message(cfg.eval_split), "text_ceiling_file": TEXT_CEILING_FILE}
 
 
 def _train_loop(config: dict[str, Any]) -> None:
@@ -252,7 +372,7 @@ def _train_loop(config: dict[str, Any]) -> None:
             optimizer.step()
             losses.append(float(loss.detach()))
         metrics: dict[str, float] = {"epoch": epoch, "train_loss": float(np.mean(losses))}
-        if rank == 0:
+        if rank == 0 and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
             scores = score_all(teacher, held_cases)
             metrics.update(eval_top1=top_k_accuracy(scores, held_truth, 1),
                            eval_topk=top_k_accuracy(scores, held_truth, k),
@@ -262,12 +382,18 @@ def _train_loop(config: dict[str, Any]) -> None:
                      teacher.name, epoch, cfg.epochs, metrics["train_loss"], cfg.eval_split,
                      metrics["eval_top1"], k, metrics["eval_topk"], metrics["elapsed_s"])
             if epoch == cfg.epochs:
+                train_seconds = time.time() - started
+                ceiling = config["text_ceiling"]
+                knowledge = knowledge_summary(
+                    cfg, final_scores(teacher, cfg, labels, held_cases, held_truth, k),
+                    ceiling["accuracy"] if ceiling else None)
                 save_teacher_dir(teacher, cfg.output(), overwrite=cfg.storage.overwrite,
                                  lineage=config["lineage"],
                                  metrics={"eval_split": cfg.eval_split, "k": k,
                                           "eval_rows": len(held_truth),
-                                          "train_seconds": time.time() - started,
-                                          "history": history})
+                                          "train_seconds": train_seconds,
+                                          "history": history, "knowledge": knowledge},
+                                 extra_files={TEXT_CEILING_FILE: ceiling["predictions"]} if ceiling else None)
     # Once, at the end, on every rank: a report waits for the controller's next
     # poll (~2 s), so one per epoch would dominate a small run. The per-epoch
     # history travels in the saved teacher's spec instead.
@@ -275,6 +401,16 @@ def _train_loop(config: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------- driver
+
+
+def knowledge_metrics(knowledge: dict[str, Any]) -> dict[str, float]:
+    """The check's numbers as flat MLflow metrics: ``knowledge_margin``,
+    ``teacher_top1_validation``, ``teacher_image_top1_validation``, ``text_top1_test``, ..."""
+    flat = {"knowledge_margin": knowledge["margin"]} if knowledge["margin"] is not None else {}
+    for who, per_split in (("teacher", knowledge["teacher"]), ("text", knowledge["text_only"] or {})):
+        for split, values in per_split.items():
+            flat.update({f"{who}_{name}_{split}": value for name, value in values.items()})
+    return flat
 
 
 def _user_error(err: Exception) -> MintError | None:
@@ -328,6 +464,11 @@ def run(cfg: Config) -> dict[str, Any]:
     teacher = _build_teacher(cfg, name, plan.labels, table)
     lineage = {"cohort_uri": cfg.cohort(), "cohort_hash": manifest.content_hash,
                "train_rows": plan.train_rows}
+    ceiling = (text_ceiling(table.select(list(COLUMNS)).to_pydict(), cfg, plan.labels, k)
+               if cfg.knowledge_check.enabled else None)
+    if ceiling is not None:
+        log.info("[teacher %s] text-only ceiling (trained on train): %s", name,
+                 ", ".join(f"{split} top1 {acc['top1']:.3f}" for split, acc in ceiling.accuracy.items()))
 
     with stage_run(cfg.tracking, "teacher.train", cfg, cfg.storage.root, run_name=f"teacher-{name}",
                    tags={"mint.task": cfg.task, "teacher.kind": cfg.kind}) as tracking:
@@ -337,8 +478,9 @@ def run(cfg: Config) -> dict[str, Any]:
         trainer = TorchTrainer(
             _train_loop,
             train_loop_config={"cfg": cfg.model_dump(mode="json"), "labels": list(plan.labels),
-                               "teacher": teacher, "top_k": k,
-                               "lineage": lineage},
+                               "teacher": teacher, "top_k": k, "lineage": lineage,
+                               "text_ceiling": ceiling and {"accuracy": ceiling.accuracy,
+                                                            "predictions": ceiling.predictions}},
             # A resource set to 0 (``--set resources_per_worker.GPU=0`` on a CPU cluster) is none.
             scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                          resources_per_worker={k: v for k, v in cfg.resources_per_worker.items()
@@ -362,8 +504,12 @@ def run(cfg: Config) -> dict[str, Any]:
             tracking.log_metrics({key: value for key, value in row.items() if key != "epoch"},
                                  step=int(row["epoch"]))
         final = spec.metrics["history"][-1]
+        knowledge = spec.metrics["knowledge"]
         tracking.log_metrics({"heldout_top1": final["eval_top1"],
-                              f"heldout_top{k}": final["eval_topk"], "train_wall_s": wall})
+                              f"heldout_top{k}": final["eval_topk"], "train_wall_s": wall,
+                              **knowledge_metrics(knowledge)})
+        if knowledge.get("message"):
+            (log.info if knowledge["passed"] else log.warning)("[teacher %s] %s", name, knowledge["message"])
         tracking.set_tags({"teacher.name": spec.name, "teacher.version": spec.version,
                            "teacher.uri": output_uri})
         tracking.log_dict({**json.loads(spec.to_json()), "skipped": plan.skipped},
@@ -377,5 +523,8 @@ def run(cfg: Config) -> dict[str, Any]:
         "k": k, "top1": final["eval_top1"], "topk": final["eval_topk"],
         "chance_top1": 1 / n, "chance_topk": k / n,
         "train_seconds": spec.metrics["train_seconds"], "wall_seconds": wall,
+        # The check's two numbers at the top, where the closing summary shows them in full.
+        "text_top1": (knowledge["text_only"] or {}).get(cfg.eval_split, {}).get("top1"),
+        "knowledge_margin": knowledge["margin"], "knowledge": knowledge,
         "mlflow_run_id": tracking.run_id,
     }
