@@ -366,7 +366,7 @@ def test_dpo_arm_is_referenced_to_the_model_it_starts_from(lora: bool, reference
 
 
 @pytest.mark.slow
-def test_compare_trains_the_arms_and_writes_one_report(tmp_path: Path, capsys) -> None:
+def test_compare_trains_the_arms_and_writes_one_report(tmp_path: Path) -> None:
     prefs = str(tmp_path / "prefs")
     write_prefs(prefs, "rare_disease", n_test=4, n_train=6)
     db = f"sqlite:///{tmp_path}/mlflow.db"
@@ -380,9 +380,9 @@ def test_compare_trains_the_arms_and_writes_one_report(tmp_path: Path, capsys) -
     summary = compare.run(cfg)
     arms = ["base", "sft", "dpo", "orpo", "teacher", "rag"]
     assert list(summary["arms"]) == arms
-    printed = capsys.readouterr().out
+    printed = "\n".join(compare.summarize(summary))  # what `mint-ray compare` closes with
     table = printed[printed.index("| arm |"):]
-    assert all(f"| {arm} | 4 |" in table for arm in arms)
+    assert all(f"| {arm} | 4 |" in table for arm in arms) and "Training (budget 1" in printed
     # DPO after SFT takes a budget of its own on top: its 2 steps are marked against the budget of 1.
     steps = {arm: (summary["arms"][arm]["steps"], summary["arms"][arm]["budget"]) for arm in arms}
     assert steps == {"base": (0, "n/a"), "sft": (1, "equal"), "orpo": (1, "equal"), "teacher": (None, "n/a"),

@@ -58,7 +58,8 @@ paired bootstrap intervals, and McNemar's exact test on top-1
 MLflow: each trained arm's training run gets the evaluation metrics
 (``eval.<split>.*``) and the report, registered versions get ``eval.*`` tags
 (for ``mint-ray promote``), and a comparison run holds every arm's metrics
-(``<arm>.<metric>``) and the report. The comparison table is printed.
+(``<arm>.<metric>``) and the report. The command's closing summary (``summarize``) shows
+the tables; the demo shows them in its own.
 """
 
 from __future__ import annotations
@@ -598,13 +599,13 @@ def run(cfg: Config) -> dict[str, Any]:
                         summaries[arm.name], evaluation_context(test, cfg.generation, retrieval, arm=arm.name,
                                                                 run_id=run_.run_id, model_uri=model.uri)))
     table = metrics_markdown(report.summaries)
-    print(f"\nComparison on {cfg.split} ({len(test.cases)} cases), report at {report_uri}:\n{table}\n"
-          + (f"Paired differences:\n{paired_markdown(report.paired, cfg.bootstrap_resamples)}\n"
-             if report.paired else "")
-          + (f"CONFOUNDS:\n{confounds_markdown(confounds)}\n" if confounds else "")
-          + f"Training (budget {cfg.budget_steps or 'none'}; varied: "
-          f"{', '.join(cfg.varied_settings) or 'nothing'}):\n{to_markdown(training_table(training, cfg.budget_steps))}",
-          flush=True)
+    paired_table = paired_markdown(report.paired, cfg.bootstrap_resamples) if report.paired else ""
+    text = (f"Comparison on {cfg.split} ({len(test.cases)} cases), report at {report_uri}:\n{table}\n"
+            + (f"Paired differences:\n{paired_table}\n" if paired_table else "")
+            + (f"CONFOUNDS:\n{confounds_markdown(confounds)}\n" if confounds else "")
+            + f"Training (budget {cfg.budget_steps or 'none'}; varied: "
+            f"{', '.join(cfg.varied_settings) or 'nothing'}):\n"
+            + to_markdown(training_table(training, cfg.budget_steps)))
     return {"task": cfg.task, "output_uri": cfg.output(), "report_uri": report_uri, "files": files,
             "arms": {a.name: {"kind": a.kind, "model_uri": models[a.name].uri if a.name in models else None,
                               "model_run_id": models[a.name].run_id if a.name in models else None,
@@ -614,4 +615,10 @@ def run(cfg: Config) -> dict[str, Any]:
                               "nll_over": trainings[a.name].nll_over, **summaries[a.name]} for a in arms},
             "paired_differences": paired, "varied": cfg.varied_settings,
             "confounds": [dataclasses.asdict(c) for c in confounds],
-            "table": table, "mlflow_run_id": run_.run_id, "seconds": round(time.time() - t0, 1)}
+            "table": table, "paired_table": paired_table, "text": text, "mlflow_run_id": run_.run_id,
+            "seconds": round(time.time() - t0, 1)}
+
+
+def summarize(result: dict[str, Any]) -> list[str]:
+    """``mint-ray compare``'s closing summary: the tables a person came for."""
+    return ["", *result["text"].splitlines()]
