@@ -65,9 +65,10 @@ def fit_text_classifier(notes: Sequence[str | None], labels: Sequence[str],
     return TextClassifier(vectorizer, model, space, columns)
 
 
-def ranked_labels(scores: np.ndarray, labels: Sequence[str]) -> list[list[str]]:
-    """Each row's labels, most likely first (ties keep the label order)."""
-    order = np.argsort(-scores, axis=1, kind="stable")
+def ranked_labels(scores: np.ndarray, labels: Sequence[str], k: int | None = None) -> list[list[str]]:
+    """Each row's ``k`` most likely labels (all: None), most likely first; ties keep the
+    label order."""
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return [[labels[int(j)] for j in row] for row in order]
 
 

@@ -62,6 +62,7 @@ def test_unseen_labels_rank_last_and_strangers_are_refused() -> None:
     probs = model.probabilities(["seizures", None])
     assert probs.shape == (2, 3) and (probs[:, 1] == 0).all()
     assert ranked_labels(probs, ["B", "Z", "A"])[0] == ["A", "B", "Z"]
+    assert ranked_labels(probs, ["B", "Z", "A"], 2)[0] == ["A", "B"]
     with pytest.raises(ValueError, match="outside the label space"):
         fit_text_classifier(notes, ["A", "A", "B", "C"], ["A", "B"])
     with pytest.raises(ValueError, match="at least 2 labels"):

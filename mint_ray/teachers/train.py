@@ -49,13 +49,15 @@ from mint_ray.text_baseline import DEFAULT_C, fit_text_classifier, knowledge_ver
 log = logging.getLogger(__name__)
 
 COLUMNS = ("sample_id", "task", "split", "note", "image_uri", "label")
-# The text-only ceiling's rankings, in the teacher folder: one row per scored case.
+# The text-only ceiling's answers, in the teacher folder: one row per scored case, its k most
+# likely labels (k = top_k, the task's answer count: what a comparison arm would answer; the
+# full ranking of a 500-label cohort would be 50x larger for nothing the metrics read).
 TEXT_CEILING_FILE = "text_ceiling.parquet"
 TEXT_CEILING_SCHEMA = pa.schema([
     pa.field("sample_id", pa.string(), nullable=False),
     pa.field("split", pa.string(), nullable=False),
     pa.field("label", pa.string(), nullable=False),      # the ground truth
-    pa.field("ranked_labels", pa.list_(pa.string()), nullable=False),  # every label, most likely first
+    pa.field("ranked_labels", pa.list_(pa.string()), nullable=False),  # the top k, most likely first
     pa.field("probabilities", pa.list_(pa.float32()), nullable=False),  # aligned with ranked_labels
 ])
 
@@ -241,11 +243,11 @@ def text_ceiling(rows: dict[str, list[Any]], cfg: Config, labels: tuple[str, ...
         truth = np.array([index[rows["label"][i]] for i in keep])
         accuracy[split] = {"top1": top_k_accuracy(probs, truth, 1),
                            "topk": top_k_accuracy(probs, truth, k)}
-        order = np.argsort(-probs, axis=1, kind="stable")
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         out["sample_id"] += [rows["sample_id"][i] for i in keep]
         out["split"] += [split] * len(keep)
         out["label"] += [rows["label"][i] for i in keep]
-        out["ranked_labels"] += ranked_labels(probs, labels)
+        out["ranked_labels"] += ranked_labels(probs, labels, k)
         out["probabilities"] += np.take_along_axis(probs, order, axis=1).astype(np.float32).tolist()
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pydict(out, schema=TEXT_CEILING_SCHEMA), buffer)
