@@ -153,11 +153,19 @@ def test_killed_worker_resumes_from_latest_checkpoint(tmp_path: Path) -> None:
 
 
 def test_resume_on_request_from_an_earlier_run(tmp_path: Path) -> None:
+    """A LoRA run's checkpoint holds what trains (adapter, its optimizer state), not the
+    frozen base, and resuming from it still continues the step count."""
     write_text_prefs(str(tmp_path / "prefs"), 16)
+    lora = "model.lora.target_modules=[q_proj,v_proj]"  # ~3% of the tiny model trains
     first = train_stage.run(_config(tmp_path, str(tmp_path / "prefs"), "optim.max_steps=2",
-                                    "tracking.enabled=false"))
+                                    "tracking.enabled=false", lora))
+    weights = load_file(str(Path(first["model_uri"], "model.safetensors")))
+    model_bytes = 4 * sum(t.numel() for t in weights.values())  # fp32, as trained here
+    # DeepSpeed's files of the checkpoint (the copied zero_to_fp32.py script aside).
+    saved = sum(f.stat().st_size for f in Path(first["checkpoint"]).rglob("*.pt"))
+    assert saved < 0.3 * model_bytes, (saved, model_bytes)
     resumed = train_stage.run(_config(
-        tmp_path, str(tmp_path / "prefs"), "optim.max_steps=4", "tracking.enabled=false",
+        tmp_path, str(tmp_path / "prefs"), "optim.max_steps=4", "tracking.enabled=false", lora,
         f"output_uri={tmp_path}/student2", f"checkpoint.resume_from={first['checkpoint']}"))
     assert resumed["training"]["resumed_from_step"] == 2 and resumed["training"]["steps"] == 4
 

@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 import ray
 import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
 
@@ -51,18 +52,49 @@ def shard_for_rank(pairs: list[EncodedPair], rank: int, world: int, seed: int, e
     return [pairs[i] for i in order[rank * per_rank:(rank + 1) * per_rank]]
 
 
-def _all_mean(values: dict[str, float], world: int) -> dict[str, float]:
+# Metrics cross ranks as float64: token counts stay exact far past fp32's 2**24 (a
+# step's sum over 16+ ranks of long sequences), the sums of fp32/bf16 metrics lose
+# nothing, NCCL and gloo both reduce it natively, and a vector of ~15 values costs
+# no more in float64 than in fp32.
+REDUCE_DTYPE = torch.float64
+
+
+def accumulate_metrics(total: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor],
+                       weight: float) -> dict[str, torch.Tensor]:
+    """``total + weight * metrics`` key by key, as detached tensors on the metrics' device.
+
+    Reads no value: a ``float()`` per micro-step would wait for the GPU to finish it."""
+    out = dict(total)
+    for k, v in metrics.items():
+        v = v.detach().to(REDUCE_DTYPE) * weight
+        out[k] = out[k] + v if k in out else v
+    return out
+
+
+def mean_across_ranks(device_values: dict[str, torch.Tensor], host_values: dict[str, float],
+                      device: torch.device) -> dict[str, float]:
+    """The mean over ranks of every value: one ``all_reduce`` on ``device``, one copy to the host.
+
+    NCCL refuses CPU tensors, so the host figures (token counts, seconds) join the
+    device tensors on the device. Every rank must pass the same keys."""
+    keys, host_keys = sorted(device_values), sorted(host_values)
+    on_device = [device_values[k].reshape(()).to(device, REDUCE_DTYPE) for k in keys]
+    host = torch.tensor([float(host_values[k]) for k in host_keys], dtype=REDUCE_DTYPE).to(device)
+    packed = torch.cat([torch.stack(on_device), host]) if on_device else host
+    dist.all_reduce(packed)
+    means = (packed / dist.get_world_size()).tolist()
+    return dict(zip(keys + host_keys, means, strict=True))
+
+
+def gather_per_rank(values: dict[str, float], device: torch.device) -> dict[str, list[float]]:
+    """Every rank's ``values``, rank by rank, in one ``all_reduce`` on ``device``: each rank
+    fills its own row of a zero ``[world, keys]`` table."""
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return {k: float(v) / world for k, v in zip(keys, t.tolist(), strict=True)}
-
-
-def _all_gather(value: float, world: int) -> list[float]:
-    t = torch.zeros(world, dtype=torch.float64)
-    t[dist.get_rank()] = value
-    dist.all_reduce(t)
-    return t.tolist()
+    table = torch.zeros(dist.get_world_size(), len(keys), dtype=REDUCE_DTYPE, device=device)
+    table[dist.get_rank()] = torch.tensor([float(values[k]) for k in keys], dtype=REDUCE_DTYPE).to(device)
+    dist.all_reduce(table)
+    columns = table.T.tolist()
+    return {k: columns[i] for i, k in enumerate(keys)}
 
 
 class Objective:
@@ -94,6 +126,18 @@ class Objective:
                                loss_cfg.dpo_label_smoothing, out.valid)
 
 
+def load_trained_state(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> None:
+    """Load a checkpoint saved with ``exclude_frozen_parameters``: every key but the frozen
+    parameters' must be there (a non-strict load alone would skip a missing adapter silently)."""
+    result = dst.load_state_dict(src, strict=False)
+    # remove_duplicate=False: a tied weight is a state-dict key under each of its names.
+    frozen = {n for n, p in dst.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    missing = sorted(set(result.missing_keys) - frozen)
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"the checkpoint does not match the model being trained: missing "
+                           f"{missing[:5]}, unexpected {sorted(result.unexpected_keys)[:5]}")
+
+
 def _load_model(cfg: Config, path: Path, ds_config: dict[str, Any], dtype: torch.dtype) -> Any:
     """Load the student; under ZeRO-3 its weights are partitioned at load time."""
     from transformers.integrations import HfDeepSpeedConfig
@@ -116,7 +160,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.optim.seed)
     dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
-    device = torch.device("cuda", torch.cuda.current_device()) if cfg.scaling.use_gpu else torch.device("cpu")
+    # Ray Train's device for this worker (its local GPU under use_gpu, else the CPU).
+    device = ray.train.torch.get_device()
 
     base_dir = local_copy(loop_config["base_uri"])
     tokenizer, processor = students.load_tokenizer_and_processor(base_dir, cfg.model.kind)
@@ -183,7 +228,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         checkpoint = ray.train.Checkpoint(path, filesystem=fs)
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            _, client_state = engine.load_checkpoint(ckpt_dir)
+            # The checkpoint holds only what trains; the frozen base is already loaded.
+            _, client_state = engine.load_checkpoint(ckpt_dir, load_module_strict=False,
+                                                     custom_load_fn=load_trained_state)
         start_step = int(client_state["step"])
         if rank == 0:
             log.info("[train] resumed from %s at step %d/%d", checkpoint.path, start_step, total_steps)
@@ -204,7 +251,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     for step in range(start_step, total_steps):
         epoch, index = divmod(step, steps_per_epoch)
         shard = shard_for_rank(pairs, rank, world, cfg.optim.seed, epoch)
-        step_metrics: dict[str, float] = {}
+        step_metrics: dict[str, torch.Tensor] = {}
         tokens = 0
         t_step = time.time()
         for a in range(accum):
@@ -213,17 +260,16 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if cfg.model.kind == "mllama":
                 images = [storage.read_bytes(image_of[p.sample_id]) for p in shard[first:first + micro]]
                 batch = dataclasses.replace(batch, extras=pixel_inputs(processor, images))
+            tokens += batch.num_tokens()  # counted on the host copy: no device sync
             batch = batch.to(device)
             loss, metrics = objective(wrap(engine), batch)
             engine.backward(loss)
             engine.step()
-            tokens += batch.num_tokens()
-            for k, v in metrics.items():
-                step_metrics[k] = step_metrics.get(k, 0.0) + float(v) / accum
-        step_metrics["tokens"] = tokens
-        step_metrics["step_seconds"] = time.time() - t_step
-        step_metrics["rss_gb"] = psutil.Process().memory_info().rss / 2**30
-        agg = _all_mean(step_metrics, world)
+            step_metrics = accumulate_metrics(step_metrics, metrics, 1 / accum)
+        # The one host sync of the step: its metrics, reduced across ranks on the device.
+        agg = mean_across_ranks(step_metrics, {
+            "tokens": tokens, "step_seconds": time.time() - t_step,
+            "rss_gb": psutil.Process().memory_info().rss / 2**30}, device)
         step_tokens, step_seconds = agg.pop("tokens") * world, agg.pop("step_seconds")
         agg["tokens_per_s"] = step_tokens / max(step_seconds, 1e-9)
         if step > start_step:  # the first step of an attempt pays for warm-up
@@ -238,7 +284,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             _log(mlflow_client, loop_config, agg, done)
         if done % cfg.checkpoint.every_n_steps == 0 or done == total_steps:
             with tempfile.TemporaryDirectory() as ckpt_dir:
-                engine.save_checkpoint(ckpt_dir, tag=f"step{done:06d}", client_state={"step": done})
+                # Only what trains (a LoRA adapter and its optimizer state): the frozen base
+                # is the model folder's, ~12 GB (3B) / ~33 GB (11B) per save otherwise.
+                engine.save_checkpoint(ckpt_dir, tag=f"step{done:06d}", client_state={"step": done},
+                                       exclude_frozen_parameters=True)
                 # One name on every rank: Ray merges the ranks' shards into one checkpoint.
                 ray.train.report(agg, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir),
                                  checkpoint_dir_name=f"checkpoint_step{done:06d}")
@@ -253,8 +302,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     memory = {"param_shard_fraction": local_params / max(total_params, 1),
               "optimizer_state_numel": float(optim_numel),
               "peak_rss_gb": psutil.Process().memory_info().rss / 2**30}
-    per_rank = {f"{k}_rank{r}": v for k, val in memory.items()
-                for r, v in enumerate(_all_gather(val, world))}
+    per_rank = {f"{k}_rank{r}": v for k, column in gather_per_rank(memory, device).items()
+                for r, v in enumerate(column)}
     nodes = [ray.get_runtime_context().get_node_id()] * world
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     summary = {"steps": total_steps, "resumed_from_step": start_step, "world_size": world,
