@@ -12,6 +12,7 @@ from typing import Any
 
 import mlflow
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import ray
 
@@ -300,7 +301,7 @@ def test_scarce_labels_recipe_trains_each_arm_on_its_own_data_at_one_budget() ->
     cfg = load_config(compare.Config, SCARCE)
     trained = {a.name: compare.train_config(cfg, a, "/base", cfg.own_steps(a, 0))
                for a in cfg.arm_configs if a.kind in compare.TRAINED}
-    assert [a.kind for a in cfg.arm_configs] == ["orpo", "sft", "sft", "sft", "teacher"]
+    assert [a.kind for a in cfg.arm_configs] == ["orpo", "sft", "sft", "sft", "teacher", "text_ceiling"]
     data = {name: (t.objective, t.data.splits, t.data.target, t.data.filter) for name, t in trained.items()}
     assert data == {
         "orpo_lu": ("orpo", ["train", "validation"], "chosen", "all"),
@@ -365,6 +366,48 @@ def test_dpo_arm_is_referenced_to_the_model_it_starts_from(lora: bool, reference
     assert orpo.model.reference_path is None
 
 
+def with_text_ceiling(prefs: str, teacher: Path, n_right: int) -> None:
+    """Record ``teacher`` as the pairs' teacher and save its text-only rankings of the test
+    cases beside it: the truth first for the first ``n_right`` cases, never listed after."""
+    import pyarrow.parquet as pq
+
+    from mint_ray.teachers.train import TEXT_CEILING_FILE, TEXT_CEILING_SCHEMA
+
+    manifest = storage.require_manifest(prefs)
+    table = storage.read_dataset(prefs)
+    storage.write_dataset(prefs, table, overwrite=True, meta={**manifest.meta, "teacher": {"uri": str(teacher)}})
+    test = table.filter(pc.equal(table["split"], "test"))
+    cases = sorted(set(zip(test["sample_id"].to_pylist(), test["label"].to_pylist(), strict=True)))
+    wrong = [f"Unrelated syndrome {'ABCDEFGHIJ'[j]}" for j in range(10)]
+    ranked = [[truth, *wrong[:9]] if i < n_right else wrong for i, (_, truth) in enumerate(cases)]
+    teacher.mkdir(exist_ok=True)
+    pq.write_table(pa.Table.from_pydict({
+        "sample_id": [c for c, _ in cases], "split": ["test"] * len(cases), "label": [t for _, t in cases],
+        "ranked_labels": ranked, "probabilities": [[0.1] * 10] * len(cases)}, schema=TEXT_CEILING_SCHEMA),
+        teacher / TEXT_CEILING_FILE)
+
+
+def test_text_ceiling_arm_answers_from_the_rankings_beside_the_teacher(tmp_path: Path) -> None:
+    """The text-only ceiling is scored like the teacher: no model, no generation, its rankings
+    read from ``<teacher>/text_ceiling.parquet`` (the teacher stage writes it)."""
+    from mint_ray.teachers.train import TEXT_CEILING_FILE
+
+    prefs, teacher = str(tmp_path / "prefs"), tmp_path / "teacher"
+    write_prefs(prefs, "rare_disease", n_test=4)
+    with_text_ceiling(prefs, teacher, n_right=2)
+    cfg = build_config(compare.Config, {
+        "task": "rare_disease", "data_uri": prefs, "storage": {"root": str(tmp_path)},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}, "bootstrap_resamples": 50,
+        "arms": [{"name": "teacher", "kind": "teacher"}, {"name": "text", "kind": "text_ceiling"}]})
+    summary = compare.run(cfg)
+    assert summary["arms"]["teacher"]["top1"] == 1.0 and summary["arms"]["text"]["top1"] == 0.5
+    assert "text-only classifier" in summary["text"]
+
+    (teacher / TEXT_CEILING_FILE).unlink()
+    with pytest.raises(MintError, match=r"knowledge_check\.enabled=true"):
+        compare.run(cfg.model_copy(update={"output_uri": str(tmp_path / "again")}))
+
+
 @pytest.mark.slow
 def test_compare_trains_the_arms_and_writes_one_report(tmp_path: Path) -> None:
     prefs = str(tmp_path / "prefs")
@@ -409,6 +452,7 @@ def test_scarce_labels_recipe_runs_reduced(tmp_path: Path) -> None:
     """The scarce-labels recipe as written, reduced through overrides to a few cases and steps."""
     prefs = str(tmp_path / "prefs")
     write_prefs(prefs, "rare_disease", n_test=3, n_train=4, n_validation=4)
+    with_text_ceiling(prefs, tmp_path / "teacher", n_right=3)
     cfg = load_config(compare.Config, SCARCE, [
         f"data_uri={prefs}", f"output_uri={tmp_path}/compare", f"storage.root={tmp_path}",
         f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "bootstrap_resamples=50",
@@ -418,7 +462,9 @@ def test_scarce_labels_recipe_runs_reduced(tmp_path: Path) -> None:
         "train.deepspeed.zero_stage=2"])
     summary = compare.run(cfg)
     arms = summary["arms"]
-    assert list(arms) == ["orpo_lu", "sft_truth_l", "sft_teacher_lu", "oracle_sft_truth_lu", "teacher"]
+    assert list(arms) == ["orpo_lu", "sft_truth_l", "sft_teacher_lu", "oracle_sft_truth_lu", "teacher",
+                          "text_ceiling"]
+    assert arms["text_ceiling"]["top1"] == 1.0
     for name in ("orpo_lu", "sft_truth_l", "sft_teacher_lu", "oracle_sft_truth_lu"):
         assert (arms[name]["steps"], arms[name]["budget"]) == (2, "equal") and arms[name]["tokens"] > 0
         meta = json.loads((Path(arms[name]["model_uri"]) / METADATA_FILE).read_text())

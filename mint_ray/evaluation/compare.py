@@ -31,6 +31,9 @@ marks every arm whose total differs. Without a budget the arms train by epochs.
 - ``base``: the base checkpoint (``train.model.path``, or a tiny model built
   here from the training texts for local runs); ``rag``: the same model with
   diseases retrieved from the HPO annotations in its prompt (text task);
+- ``text_ceiling``: no generation either: a text-only classifier's top labels (TF-IDF +
+  logistic regression on the note, fitted on the teacher's labelled split by
+  ``mint-ray teacher train``, saved beside the teacher): what the note alone gives;
 - ``teacher``: the upper reference, no generation: the teacher's top labels
   from the ranking recorded with each pair, in the task's answer format;
 - ``model``: any model given by ``model_uri``; a trained kind with a
@@ -65,6 +68,7 @@ the tables; the demo shows them in its own.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import time
@@ -109,7 +113,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ArmKind = Literal["base", "sft", "dpo", "orpo", "teacher", "rag", "model"]
+ArmKind = Literal["base", "sft", "dpo", "orpo", "teacher", "text_ceiling", "rag", "model"]
+# Arms that answer from a recorded ranking, with no model to generate.
+RANKED = ("teacher", "text_ceiling")
 TRAINED = ("sft", "dpo", "orpo")
 
 CLI_FLAGS = {"task": "task", "data": "data_uri", "split": "split", "max-cases": "max_cases",
@@ -229,9 +235,9 @@ class ArmConfig(StrictModel):
     def _consistent(self) -> ArmConfig:
         if self.kind == "model" and not self.model_uri:
             raise ValueError(f"arm {self.name}: kind model needs model_uri")
-        if self.kind == "teacher" and self.model_uri:
-            raise ValueError(f"arm {self.name}: the teacher arm is read from the teacher ranking recorded "
-                             "with the pairs; drop model_uri")
+        if self.kind in RANKED and self.model_uri:
+            raise ValueError(f"arm {self.name}: a {self.kind} arm is read from the rankings recorded with the "
+                             "pairs (teacher) or beside the teacher (text_ceiling); drop model_uri")
         if self.kind in ("base", "rag") and self.model_uri:
             raise ValueError(f"arm {self.name}: the base model of every arm is train.model.path (a tiny one "
                              "is built without it); set that instead of model_uri, or use kind model")
@@ -459,6 +465,9 @@ def _given_training(arm: ArmConfig, model: PreparedModel | None) -> ArmTraining:
     """What the report can say of an arm that trains nothing here."""
     if arm.kind == "teacher":
         return ArmTraining(arm.name, arm.kind, "the teacher's ranking recorded with the pairs", trained=False)
+    if arm.kind == "text_ceiling":
+        return ArmTraining(arm.name, arm.kind, "a text-only classifier (TF-IDF + logistic regression) fitted "
+                           "on the teacher's labelled split", trained=False)
     if arm.kind in ("base", "rag") or model is None:
         return ArmTraining(arm.name, arm.kind, "none (the base model)", trained=False, own_steps=0, steps=0,
                            own_tokens=0, tokens=0)
@@ -502,10 +511,10 @@ def prepare_arms(cfg: Config, test: TestSet, tracking_uri: str
     from mint_ray.training.budget import trained_tokens
     from mint_ray.training.run import run as train
 
-    arms = [a for a in cfg.arm_configs if a.kind != "teacher"]
+    arms = [a for a in cfg.arm_configs if a.kind not in RANKED]
     models = {a.name: prepare_model(a.model_uri, test.task, tracking_uri) for a in arms if a.model_uri}
     trainings = {a.name: _given_training(a, models.get(a.name)) for a in cfg.arm_configs
-                 if a.kind == "teacher" or a.name in models}
+                 if a.kind in RANKED or a.name in models}
     pending = [a for a in arms if a.name not in models]
     to_train = [a for a in pending if a.kind in TRAINED]
     for arm in to_train:  # every training config is checked before the first arm trains
@@ -536,6 +545,25 @@ def prepare_arms(cfg: Config, test: TestSet, tracking_uri: str
     return models, {a.name: trainings[a.name] for a in cfg.arm_configs}
 
 
+def text_ceiling_rankings(test: TestSet) -> dict[str, list[str]]:
+    """The text-only ceiling's rankings of the test cases, saved beside the teacher that made
+    the pairs (``mint-ray teacher train`` with its knowledge check on)."""
+    from mint_ray.teachers.train import TEXT_CEILING_FILE
+
+    teacher_uri = (test.manifest.meta.get("teacher") or {}).get("uri")
+    if not teacher_uri:
+        raise MintError(f"{test.uri} does not record its teacher's URI: the text_ceiling arm reads the "
+                        "teacher's text_ceiling.parquet; rebuild the pairs with `mint-ray preferences`")
+    uri = storage.join(teacher_uri, TEXT_CEILING_FILE)
+    if not storage.exists(uri):
+        raise MintError(f"{uri} does not exist: train the teacher with knowledge_check.enabled=true (it "
+                        "writes the text-only ceiling) or drop the text_ceiling arm")
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=["sample_id", "ranked_labels"])
+    return dict(zip(table["sample_id"].to_pylist(), table["ranked_labels"].to_pylist(), strict=True))
+
+
 # ---------------------------------------------------------------- the stage
 
 
@@ -551,8 +579,10 @@ def run(cfg: Config) -> dict[str, Any]:
     confounds = cfg.confounds()  # allowed by the recipe, else the config was refused
     # Prompts first: a RAG or teacher arm that cannot work fails before any training.
     answers: dict[str, dict[str, str]] = {a.name: test.teacher_generations() for a in arms if a.kind == "teacher"}
+    answers |= {a.name: test.ranking_generations(text_ceiling_rankings(test), "text_ceiling")
+                for a in arms if a.kind == "text_ceiling"}
     requests = {a.name: test.requests(cfg.retrieval if a.kind == "rag" else None)
-                for a in arms if a.kind != "teacher"}
+                for a in arms if a.kind not in RANKED}
     models, trainings = prepare_arms(cfg, test, tracking_uri)
     training = [trainings[a.name] for a in arms]
     marks = budget_marks(training, cfg.budget_steps)

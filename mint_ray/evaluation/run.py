@@ -136,7 +136,17 @@ class TestSet:
         if missing:
             raise MintError(f"{len(missing)} test case(s) of {self.uri} have no teacher_ranking "
                             f"(e.g. {missing[0]}): the teacher arm needs the preference stage's ranking")
-        return {c.sample_id: self.task.format_answer(list(c.teacher_ranking or ())[: self.task.n_answers])
+        return self.ranking_generations({c.sample_id: list(c.teacher_ranking or ()) for c in self.cases},
+                                        "teacher")
+
+    def ranking_generations(self, rankings: dict[str, list[str]], source: str) -> dict[str, str]:
+        """Each case's answer from a ranking of labels (its top ``n_answers``), in the task's
+        answer format; every test case must have one."""
+        missing = [c.sample_id for c in self.cases if not rankings.get(c.sample_id)]
+        if missing:
+            raise MintError(f"{len(missing)} test case(s) of {self.uri} have no {source} ranking "
+                            f"(e.g. {missing[0]}): the {source} arm answers every case from its ranking")
+        return {c.sample_id: self.task.format_answer(list(rankings[c.sample_id])[: self.task.n_answers])
                 for c in self.cases}
 
     def records(self, arm: str, generations: dict[str, str]) -> list[dict[str, Any]]:
