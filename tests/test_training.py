@@ -26,6 +26,7 @@ from mint_ray.tasks import RARE_DISEASE, TISSUE_TYPE
 from mint_ray.training import run as train_stage
 from mint_ray.training.config import Config
 from mint_ray.training.worker import EXPORT_CHECK
+from tests.conftest import REPO
 from tests.prefdata import write_text_prefs, write_vision_prefs
 from tests.tinymodels import make_student_dir
 
@@ -152,22 +153,26 @@ def test_killed_worker_resumes_from_latest_checkpoint(tmp_path: Path) -> None:
     assert 0 < training["resumed_from_step"] < 80
 
 
-def test_resume_on_request_from_an_earlier_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_resume_on_request_from_an_earlier_run(tmp_path: Path, zero_stage: int) -> None:
     """A LoRA run's checkpoint holds what trains (adapter, its optimizer state), not the
-    frozen base, and resuming from it still continues the step count."""
+    frozen base; resuming from it continues the step count, and the export matches the
+    engine. ZeRO-2 is the prod text recipe's stage, ZeRO-3 the vision recipe's."""
     write_text_prefs(str(tmp_path / "prefs"), 16)
-    lora = "model.lora.target_modules=[q_proj,v_proj]"  # ~3% of the tiny model trains
+    # ~3% of the tiny model trains
+    lora = ["model.lora.target_modules=[q_proj,v_proj]", f"deepspeed.zero_stage={zero_stage}"]
     first = train_stage.run(_config(tmp_path, str(tmp_path / "prefs"), "optim.max_steps=2",
-                                    "tracking.enabled=false", lora))
+                                    "tracking.enabled=false", *lora))
     weights = load_file(str(Path(first["model_uri"], "model.safetensors")))
     model_bytes = 4 * sum(t.numel() for t in weights.values())  # fp32, as trained here
     # DeepSpeed's files of the checkpoint (the copied zero_to_fp32.py script aside).
     saved = sum(f.stat().st_size for f in Path(first["checkpoint"]).rglob("*.pt"))
     assert saved < 0.3 * model_bytes, (saved, model_bytes)
     resumed = train_stage.run(_config(
-        tmp_path, str(tmp_path / "prefs"), "optim.max_steps=4", "tracking.enabled=false", lora,
+        tmp_path, str(tmp_path / "prefs"), "optim.max_steps=4", "tracking.enabled=false", *lora,
         f"output_uri={tmp_path}/student2", f"checkpoint.resume_from={first['checkpoint']}"))
     assert resumed["training"]["resumed_from_step"] == 2 and resumed["training"]["steps"] == 4
+    assert _reload_matches_engine(resumed["model_uri"], "causal_lm") < 1e-4
 
 
 def test_mllama_zero3_with_images(tmp_path: Path) -> None:
@@ -202,6 +207,7 @@ def test_other_objectives_run(tmp_path: Path, objective: str) -> None:
 @pytest.mark.parametrize(("overrides", "needle"), [
     (["objective=dpo", "model.lora.enabled=false"], "needs model.reference_path"),
     (["deepspeed.zero_stage=4"], "deepspeed.zero_stage"),
+    (["deepspeed.zero_stage=2", "deepspeed.offload_params=true"], "offload_params needs deepspeed.zero_stage=3"),
     (["optim.global_batch_size=7"], "does not equal"),
     (["model.kind=mllama"], "rare_disease is text-only"),
     (["data.target=ground_truth"], "data.target=ground_truth is an SFT target but objective=orpo"),
@@ -212,6 +218,19 @@ def test_other_objectives_run(tmp_path: Path, objective: str) -> None:
 def test_contradictory_configs_fail_before_workers(tmp_path: Path, overrides: list[str], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         _config(tmp_path, str(tmp_path / "prefs"), *overrides)
+
+
+@pytest.mark.parametrize(("recipe", "stage"), [("prod_text_orpo.yaml", 2), ("prod_vision_orpo.yaml", 3)])
+def test_prod_recipes_pick_the_zero_stage_their_student_needs(monkeypatch: pytest.MonkeyPatch, recipe: str,
+                                                              stage: int) -> None:
+    """3B LoRA: ZeRO-2 (the frozen bf16 base fits per GPU, no parameter gathers); 11B: ZeRO-3.
+    bf16 and gradient checkpointing on in both."""
+    monkeypatch.setenv("MINT_STORAGE_ROOT", "s3://bucket")
+    cfg = load_config(Config, REPO / "jobs" / "recipes" / recipe)
+    ds = cfg.deepspeed
+    assert (ds.zero_stage, ds.bf16, ds.gradient_checkpointing) == (stage, True, True)
+    # Below ZeRO-3 every GPU holds the whole model: only a LoRA run's frozen base fits so.
+    assert cfg.model.lora.enabled or ds.zero_stage == 3
 
 
 def test_preflight_errors_name_the_field(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from mint_ray.config import StrictModel
 
@@ -15,6 +15,15 @@ class DeepSpeedConfig(StrictModel):
     offload_params: bool = False
     bf16: bool = False
     gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _offload_params_needs_zero3(self) -> DeepSpeedConfig:
+        # DeepSpeed offloads parameters only when it partitions them (ZeRO-3); below
+        # that, the setting would be dropped without a word.
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"deepspeed.offload_params needs deepspeed.zero_stage=3 (it is "
+                             f"{self.zero_stage}): set zero_stage=3, or offload_params=false")
+        return self
 
 
 class OptimConfig(StrictModel):
