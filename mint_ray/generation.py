@@ -13,6 +13,7 @@ import torch
 
 from mint_ray.images import to_pil
 from mint_ray.model_folders import read_metadata
+from mint_ray.tasks import render_chat
 
 SAMPLING_TEXT = {"do_sample": True, "temperature": 0.8, "top_p": 0.8, "top_k": 10,
                  "max_new_tokens": 512}
@@ -36,8 +37,7 @@ class Generator:
     def generate(self, messages: list[list[dict[str, Any]]], images: list[Any] | None = None,
                  max_new_tokens: int = 128, **sampling: Any) -> list[str]:
         """One answer per conversation; ``images`` (PIL, bytes or None) go with vision students."""
-        texts = [self.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
-                 for m in messages]
+        texts = [render_chat(self.tokenizer, m, add_generation_prompt=True) for m in messages]
         # Left padding so every row's answer starts right after its prompt.
         self.tokenizer.padding_side = "left"
         if self.processor is not None:

@@ -33,7 +33,7 @@ from mint_ray import images
 from mint_ray.images import ImageRejected, open_rgb
 from mint_ray.serving.config import RequestLimitsConfig
 from mint_ray.serving.schemas import ChatRequest, RequestError
-from mint_ray.tasks import TASKS, Task
+from mint_ray.tasks import TASKS, Task, render_chat
 
 # Longer numbers than any count or size this API takes; int() on thousands of
 # digits is slow and raises past 4300 (sys.get_int_max_str_digits).
@@ -209,7 +209,7 @@ def check_control_tokens(text: str, pattern: re.Pattern[str] | None, param: str)
 def prompt_tokens(tokenizer: Any, messages: list[dict[str, Any]]) -> int:
     """How many tokens ``messages`` are as the model reads them (chat template and
     generation header, as ``Generator.generate`` renders them)."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = render_chat(tokenizer, messages, add_generation_prompt=True)
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

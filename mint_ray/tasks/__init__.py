@@ -5,7 +5,7 @@ from typing import Annotated
 from pydantic import AfterValidator
 
 from mint_ray.errors import ConfigError
-from mint_ray.tasks.base import MAX_NOTE_CHARS, ParsedAnswer, Task
+from mint_ray.tasks.base import CHAT_DATE, MAX_NOTE_CHARS, ParsedAnswer, Task, render_chat
 from mint_ray.tasks.rare_disease import RARE_DISEASE
 from mint_ray.tasks.tissue_type import TISSUE_TYPE, TISSUE_TYPES
 
@@ -33,5 +33,5 @@ def get_task(name: str) -> Task:
 # A config field holding a task name; an unknown one fails validation listing the known tasks.
 TaskName = Annotated[str, AfterValidator(_known_task)]
 
-__all__ = ["MAX_NOTE_CHARS", "RARE_DISEASE", "TASKS", "TISSUE_TYPE", "TISSUE_TYPES", "ParsedAnswer", "Task", "TaskName",
-           "get_task"]
+__all__ = ["CHAT_DATE", "MAX_NOTE_CHARS", "RARE_DISEASE", "TASKS", "TISSUE_TYPE", "TISSUE_TYPES", "ParsedAnswer",
+           "Task", "TaskName", "get_task", "render_chat"]

@@ -17,6 +17,11 @@ from typing import Any, Literal
 # it could not be asked with.
 MAX_NOTE_CHARS = 20_000
 
+# Llama 3.2's chat templates write "Today Date: <date>" into the system turn: today's date
+# unless the caller passes ``date_string``. One fixed date (the templates' own fallback)
+# makes training, evaluation and serving render the same prompt on any day.
+CHAT_DATE = "26 Jul 2024"
+
 # "1. 'Name'", "1) Name", "**1.** Name", "- 1: Name" ...
 _NUMBERED = re.compile(r"^\s*[-*•]*\s*\**\s*(\d{1,3})\s*[.):\]]\**\s*(.+?)\s*$")
 _QUOTES = "'\"`‘’“”*_"
@@ -27,6 +32,13 @@ _QUOTED = re.compile(r"^['\"‘“](.+?)['\"’”](?![^\W_])")
 _EXPLANATION = re.compile(r"\s+[-–—:]\s+|:\s+|\s+\(")
 # Where a one-line list ("1. 'A' 2. 'B' 3. 'C'") breaks into its items.
 _INLINE_BREAK = re.compile(r"\s+(?=\d{1,3}\s*[.)]\s)")
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
+    """``messages`` as the student reads them: its tokenizer's chat template, with ``CHAT_DATE``
+    for a template that dates the prompt. Every stage renders prompts here."""
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False,
+                                         date_string=CHAT_DATE)
 
 
 @dataclass(frozen=True)

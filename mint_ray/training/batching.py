@@ -48,6 +48,7 @@ from transformers import PreTrainedTokenizerBase
 
 from mint_ray.config import StrictModel
 from mint_ray.errors import ConfigError, MintError
+from mint_ray.tasks import render_chat
 
 DROP_REASONS = (
     "malformed_prompt",            # not a non-empty list of {role, content} messages
@@ -240,7 +241,7 @@ def chat_prompt_encoder(tokenizer: PreTrainedTokenizerBase) -> PromptEncoder:
         if images:
             raise ConfigError("rows carry images but the prompt encoder is text-only: pass a "
                               "processor-backed prompt_encoder for a vision student")
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = render_chat(tokenizer, messages, add_generation_prompt=True)
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         return EncodedPrompt(list(enc["input_ids"]),
                              note_span(text, enc["offset_mapping"], messages))
@@ -250,7 +251,7 @@ def chat_prompt_encoder(tokenizer: PreTrainedTokenizerBase) -> PromptEncoder:
 
 def _response_ids(tokenizer: PreTrainedTokenizerBase, prompt_text: str,
                   conversation: list[dict[str, Any]]) -> list[int]:
-    full = tokenizer.apply_chat_template(conversation, tokenize=False)
+    full = render_chat(tokenizer, conversation)
     if not full.startswith(prompt_text):
         raise ConfigError("the chat template does not render prompt+answer as the prompt with "
                           "its generation header followed by the answer; use a template whose "
@@ -273,8 +274,7 @@ def encode_pair(row: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
             return f"malformed_{name}"
         if not "".join(t for m in answer for t in _texts(m["content"])).strip():
             return f"empty_{name}"
-    prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True,
-                                                tokenize=False)
+    prompt_text = render_chat(tokenizer, prompt, add_generation_prompt=True)
     chosen_ids = _response_ids(tokenizer, prompt_text, prompt + chosen)
     rejected_ids = _response_ids(tokenizer, prompt_text, prompt + rejected)
     if chosen_ids == rejected_ids:
