@@ -44,6 +44,8 @@ SILENCED_LOGGERS = {
     # It polls the State API, which needs the dashboard that local clusters do not start;
     # each failed poll is a warning, and the placement group is still removed.
     "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
+    # It warns that the operator bars are off: off a terminal, that is this module's choice.
+    "ray.data._internal.progress": logging.ERROR,
 }
 # Modules that log under their file path (logging.getLogger(__file__)), not a dotted name:
 # Ray Train's per-report INFO line ("Reporting training result ...") from every rank.
@@ -87,11 +89,24 @@ def quiet_process() -> None:
     # transformers' and the Hub's download/load/save bars (read when they are imported).
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.getLogger(RAY_DATA_PROGRESS_LOGGER).setLevel(logging.INFO)
-    if "ray.data" in sys.modules and progress_mode() == "lines":
-        from ray.data import DataContext
+    if "ray.data" in sys.modules:
+        # Ray Data's console handler (its file handlers keep every level).
+        for handler in logging.getLogger("ray.data").handlers:
+            if isinstance(handler, logging.StreamHandler) and not any(
+                    isinstance(f, _RayDataConsole) for f in handler.filters):
+                handler.addFilter(_RayDataConsole())
+        if progress_mode() == "lines":
+            from ray.data import DataContext
 
-        # Off a terminal: one "Total Progress" line every 30 s, not a block per operator.
-        DataContext.get_current().enable_operator_progress_bars = False
+            # Off a terminal: one "Total Progress" line every 30 s, not a block per operator.
+            DataContext.get_current().enable_operator_progress_bars = False
+
+
+class _RayDataConsole(logging.Filter):
+    """Ray Data on the console: its progress lines, warnings and errors, not its INFO notes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.name == RAY_DATA_PROGRESS_LOGGER
 
 
 def _module_file(module: str) -> str:
@@ -112,6 +127,11 @@ def setup(verbose_flag: bool = False) -> None:
     os.environ.setdefault(MLFLOW_LEVEL_ENV, "DEBUG" if verbose() else "WARNING")
     os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", RAY_DATA_LOG_INTERVAL_S)
     quiet_process()
+
+
+def ray_log_level() -> int:
+    """The ``ray`` logger's level for ``ray.init`` (which resets it when Ray starts)."""
+    return logging.DEBUG if verbose() else logging.WARNING
 
 
 def ray_train_log_level() -> str:

@@ -48,7 +48,7 @@ def init_ray(cfg: RayConfig) -> None:
         # console.SETUP_HOOK) does too, and repeating any of its keys here would make
         # ray.init fail; a driver attached by hand brings the console's rules itself.
         under_job = RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ
-        ray.init(address=address, log_to_driver=True,
+        ray.init(address=address, log_to_driver=True, logging_level=console.ray_log_level(),
                  runtime_env=None if under_job else {"worker_process_setup_hook": console.SETUP_HOOK,
                                                      "env_vars": console_env()})
     else:
@@ -56,7 +56,7 @@ def init_ray(cfg: RayConfig) -> None:
         # `ray start` cluster that happens to run on this machine.
         ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(),
                  object_store_memory=cfg.object_store_memory_mb * 1024 * 1024,
-                 include_dashboard=False, log_to_driver=True,
+                 include_dashboard=False, log_to_driver=True, logging_level=console.ray_log_level(),
                  # Every worker applies the console's logging rules as it starts.
                  runtime_env={"env_vars": worker_env(), "worker_process_setup_hook": console.SETUP_HOOK})
     console.quiet_process()  # importing Ray set its loggers back to INFO in this process

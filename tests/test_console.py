@@ -84,6 +84,23 @@ def test_quiet_process_keeps_warnings_and_our_info(restore_logging, monkeypatch:
     assert "a row was truncated" in messages and not any("reduce_scatter" in m for m in messages)
 
 
+def test_ray_data_console_keeps_progress_and_warnings_only(restore_logging, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray.data  # noqa: F401  (its import configures its console handler)
+
+    monkeypatch.delenv(console.LOG_LEVEL_ENV, raising=False)
+    console.quiet_process()
+    console.quiet_process()  # idempotent: one filter per handler
+    handlers = [h for h in logging.getLogger("ray.data").handlers if isinstance(h, logging.StreamHandler)]
+    assert handlers and all(sum(isinstance(f, console._RayDataConsole) for f in h.filters) == 1 for h in handlers)
+
+    def passes(name: str, level: int) -> bool:
+        return all(h.filter(logging.LogRecord(name, level, __file__, 1, "x", None, None)) for h in handlers)
+
+    assert passes(console.RAY_DATA_PROGRESS_LOGGER, logging.INFO)
+    assert passes("ray.data._internal.execution.streaming_executor", logging.WARNING)
+    assert not passes("ray.data._internal.execution.streaming_executor", logging.INFO)
+
+
 def test_verbose_brings_everything_back(restore_logging, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(console.LOG_LEVEL_ENV, "DEBUG")
     console.quiet_process()
