@@ -90,9 +90,12 @@ def quiet_process() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.getLogger(RAY_DATA_PROGRESS_LOGGER).setLevel(logging.INFO)
     if "ray.data" in sys.modules:
-        # Ray Data's console handler (its file handlers keep every level).
+        from ray._private.log import PlainRayHandler
+
+        # Ray Data's own console handler, by its class: its file handlers keep every level,
+        # and handlers others put on the logger (a test's log capture) stay as they are.
         for handler in logging.getLogger("ray.data").handlers:
-            if isinstance(handler, logging.StreamHandler) and not any(
+            if isinstance(handler, PlainRayHandler) and not any(
                     isinstance(f, _RayDataConsole) for f in handler.filters):
                 handler.addFilter(_RayDataConsole())
         if progress_mode() == "lines":

@@ -90,7 +90,9 @@ def test_ray_data_console_keeps_progress_and_warnings_only(restore_logging, monk
     monkeypatch.delenv(console.LOG_LEVEL_ENV, raising=False)
     console.quiet_process()
     console.quiet_process()  # idempotent: one filter per handler
-    handlers = [h for h in logging.getLogger("ray.data").handlers if isinstance(h, logging.StreamHandler)]
+    from ray._private.log import PlainRayHandler
+
+    handlers = [h for h in logging.getLogger("ray.data").handlers if isinstance(h, PlainRayHandler)]
     assert handlers and all(sum(isinstance(f, console._RayDataConsole) for f in h.filters) == 1 for h in handlers)
 
     def passes(name: str, level: int) -> bool:
@@ -99,6 +101,8 @@ def test_ray_data_console_keeps_progress_and_warnings_only(restore_logging, monk
     assert passes(console.RAY_DATA_PROGRESS_LOGGER, logging.INFO)
     assert passes("ray.data._internal.execution.streaming_executor", logging.WARNING)
     assert not passes("ray.data._internal.execution.streaming_executor", logging.INFO)
+    # Nobody else's handler gets the filter (pytest's capture sits on the root logger).
+    assert not any(isinstance(f, console._RayDataConsole) for h in logging.getLogger().handlers for f in h.filters)
 
 
 def test_verbose_brings_everything_back(restore_logging, monkeypatch: pytest.MonkeyPatch) -> None:
