@@ -93,11 +93,11 @@ def test_text_evaluation_end_to_end_writes_the_report(tmp_path: Path, text_model
     code = main(["evaluate", "--task", "rare_disease", "--model", str(text_model), "--data",
                  str(tmp_path / "prefs"), "--arm", "tiny", "--out", str(out), "--max-new-tokens", "12",
                  "--set", f"storage.root={tmp_path}", "--set", f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db",
-                 "--set", "bootstrap_resamples=200"])
+                 "--set", "bootstrap_resamples=200", "--summary-file", str(tmp_path / "summary.json")])
     assert code == 0
-    printed = capsys.readouterr().out
-    assert "| tiny | 5 |" in printed
-    summary = json.loads(printed[printed.index("{\n"):])
+    printed = capsys.readouterr().out  # the closing summary: the table and the report's place
+    assert "| tiny | 5 |" in printed and f"report: {out}" in printed
+    summary = json.loads((tmp_path / "summary.json").read_text())
     assert {p.name for p in out.iterdir()} == {"report.md", "metrics.csv", "per_label.csv", "accuracy.png",
                                               "generations.jsonl", "summary.json"}
     assert "| tiny |" in (out / "report.md").read_text()

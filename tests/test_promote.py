@@ -67,9 +67,10 @@ def test_promote_refuses_worse_accepts_better_and_records_force(
     client = mlflow.MlflowClient(mlflow_server)
 
     def promote_cli(*args: str) -> dict[str, Any]:
-        assert main(["promote", "--name", name, "--set", f"tracking.tracking_uri={mlflow_server}", *args]) == 0
+        assert main(["promote", "--name", name, "--set", f"tracking.tracking_uri={mlflow_server}", "--json",
+                     "--summary-file", str(tmp_path / "promote.json"), *args]) == 0
         out = capsys.readouterr().out
-        return json.loads(out[out.index("{\n"):])
+        return json.loads(out[out.index("{\n"):])  # --json prints the result after the decision line
 
     def version_tags(version: str) -> dict[str, str]:
         return client.get_model_version(name, version).tags

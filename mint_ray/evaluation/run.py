@@ -333,9 +333,15 @@ def run(cfg: Config) -> dict[str, Any]:
                 promote.record_evaluation(*target, promote.evaluation_tags(summary, evaluation_context(
                     test, cfg.generation, cfg.retrieval, arm=arm, run_id=run_.run_id, model_uri=model.uri)))
     table = metrics_markdown(report.summaries)
-    print(table, flush=True)
     return {"arm": arm, "model_uri": model.uri, "data_uri": cfg.data_uri, "split": cfg.split,
             "output_uri": output_uri, "files": files, "metrics": summary, "table": table,
             "mlflow_run_id": run_.run_id, "model_run_id": model_run,
             "tagged_version": "/".join(target) if target and run_.run_id else None,
             "seconds": round(time.time() - t0, 1)}
+
+
+def summarize(result: dict[str, Any]) -> list[str]:
+    """``mint-ray evaluate``'s closing summary: the metrics table and where the report is."""
+    return ["", result["table"].rstrip(), f"report: {result['output_uri']}",
+            f"model: {result['model_uri']}" + (f" (tagged {result['tagged_version']})"
+                                                 if result["tagged_version"] else "")]
