@@ -110,15 +110,24 @@ def run_stage(argv: list[str]) -> dict[str, Any]:
     args, extra = parser.parse_known_args(rest)
     cfg = load_config(module.Config, args.config, _flag_overrides(module, extra) + args.set)
     result = module.run(cfg)
+    text = json.dumps(result, indent=2, default=str)
     path = Path(args.summary_file or SUMMARY_DIR / f"{'-'.join(key)}-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    if args.json:
-        print(json.dumps(result, indent=2, default=str))
-    else:
+    written = True
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+    except OSError as err:
+        # The run is done: an unwritable folder (a job's working_dir copy) must not fail it;
+        # the result is printed instead, so nothing is lost.
+        log.warning("could not write the result to %s (%s); printing it instead", path, err)
+        written = False
+    if args.json or not written:
+        print(text)
+    if not args.json:
         summarize = getattr(module, "summarize", None)
         lines = summarize(result) if summarize else console.summary_lines(result)
-        print("\n".join([f"\nmint-ray {' '.join(key)}: done", *lines, f"  full result: {path}"]), flush=True)
+        where = path if written else "printed above"
+        print("\n".join([f"\nmint-ray {' '.join(key)}: done", *lines, f"  full result: {where}"]), flush=True)
     return result
 
 

@@ -41,7 +41,7 @@ def init_ray(cfg: RayConfig) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only local clusters
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        from ray._private.ray_constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+        from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 
         # An existing cluster: its nodes' environment reaches every worker. Under `ray job
         # submit` the job's runtime_env (cluster/runtime_env.yaml, which names

@@ -46,3 +46,16 @@ def test_a_stage_ends_with_a_readable_summary_and_writes_its_json(tmp_path, caps
     assert main([*common, "--out", str(tmp_path / "b"), "--json", "--summary-file", str(tmp_path / "b.json")]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads((tmp_path / "b.json").read_text()) and printed["rows"] == 20
+
+
+def test_an_unwritable_summary_file_prints_the_result_instead(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Under `ray job submit` the working folder may vanish or be read-only: the finished run
+    still succeeds, and its result is printed rather than lost."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert main(["data", "synth", "--task", "tissue_type", "--set", "sizes.n_samples=20", "--set", "image_size=32",
+                 "--set", f"storage.root={tmp_path}", "--set", "tracking.enabled=false", "--out", str(tmp_path / "c"),
+                 "--summary-file", str(blocker / "summary.json")]) == 0
+    out = capsys.readouterr().out
+    result, _ = json.JSONDecoder().raw_decode(out[out.index("{"):])
+    assert result["rows"] == 20 and "full result: printed above" in out
