@@ -69,10 +69,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
@@ -81,6 +80,7 @@ from mint_ray import storage, tracking
 from mint_ray.config import RayConfig, StorageConfig, StrictModel, TrackingConfig, build_config, deep_merge
 from mint_ray.errors import ConfigError, MintError
 from mint_ray.evaluation import promote
+from mint_ray.evaluation.confounds import covers, find_confounds, flat_settings
 from mint_ray.evaluation.generate import GenerationConfig, generate
 from mint_ray.evaluation.report import (
     ArmTraining,
@@ -168,46 +168,6 @@ _SET_PER_ARM = ("objective", "run_name", "output_uri", "model.path", "model.tiny
                 "optim.max_steps")
 # The paper's default arms: DPO starts from SFT, on a budget of its own.
 DEFAULT_ARMS_VARIED = ("init_from", "budget")
-
-
-def flat_settings(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested settings as ``{prefix + dotted.path: value}``; lists are values (pure)."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping) and value:
-            flat.update(flat_settings(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def covers(varied: str, setting: str) -> bool:
-    """Whether a ``varied`` entry covers ``setting``: itself, or a section above it (pure)."""
-    return setting == varied or setting.startswith(varied + ".")
-
-
-def _value_text(value: Any) -> str:
-    if value is None:
-        return "none"
-    return value if isinstance(value, str) else json.dumps(value)
-
-
-_UNSET = object()
-
-
-def find_confounds(settings: Mapping[str, Mapping[str, Any]], varied: Sequence[str]) -> list[Confound]:
-    """The settings whose values differ between arms (``settings``: arm -> its flat settings),
-    leaving out those a ``varied`` entry covers; in first-seen order (pure)."""
-    names = list(dict.fromkeys(name for flat in settings.values() for name in flat))
-    confounds = []
-    for name in names:
-        if any(covers(v, name) for v in varied):
-            continue
-        values = {arm: flat.get(name, _UNSET) for arm, flat in settings.items()}
-        if len({_value_text(v) if v is not _UNSET else "unset" for v in values.values()}) > 1:
-            confounds.append(Confound(name, {arm: "unset" if v is _UNSET else _value_text(v)
-                                             for arm, v in values.items()}))
-    return confounds
 
 
 def _max_steps(train: Mapping[str, Any]) -> int | None:
