@@ -15,13 +15,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import logging
 import os
 import sys
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
 LOG_LEVEL_ENV = "MINT_RAY_LOG_LEVEL"
@@ -103,6 +105,18 @@ def quiet_process() -> None:
 
             # Off a terminal: one "Total Progress" line every 30 s, not a block per operator.
             DataContext.get_current().enable_operator_progress_bars = False
+
+
+@contextlib.contextmanager
+def quiet_prints() -> Iterator[None]:
+    """Drop what a library ``print``s inside the block (no logger to turn down): DeepSpeed
+    announces its op builds so, twice per worker per training. ``--verbose`` keeps them;
+    errors are exceptions, which pass through."""
+    if verbose():
+        yield
+        return
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
 
 
 class _RayDataConsole(logging.Filter):

@@ -114,6 +114,25 @@ def test_verbose_brings_everything_back(restore_logging, monkeypatch: pytest.Mon
     assert console.ray_train_log_level() == "WARNING"
 
 
+def test_deepspeed_op_build_print_is_dropped_unless_verbose(monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    # DeepSpeed's own print, from the op build that every CPU training worker runs.
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    from deepspeed.comm.torch import build_shm_op
+
+    monkeypatch.setenv(console.LOG_LEVEL_ENV, "")
+    with console.quiet_prints():
+        build_shm_op()
+    assert "built successfully" not in capsys.readouterr().out
+    monkeypatch.setenv(console.LOG_LEVEL_ENV, "DEBUG")
+    with console.quiet_prints():
+        build_shm_op()
+    assert "built successfully" in capsys.readouterr().out
+    monkeypatch.setenv(console.LOG_LEVEL_ENV, "")
+    with pytest.raises(RuntimeError, match="kept"), console.quiet_prints():
+        raise RuntimeError("kept")
+
+
 def test_summary_lines_show_scalars_short_lists_and_one_level() -> None:
     lines = console.summary_lines({
         "model_uri": "s3://b/student/model", "steps": 240, "registered": {"name": "m", "version": "3"},

@@ -192,8 +192,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             model.enable_input_require_grads()
         model = students.apply_lora(model, cfg.model.lora, cfg.model.kind)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=trainable,
-                                                   config=ds_config)
+    with console.quiet_prints():
+        engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=trainable,
+                                                       config=ds_config)
 
     def wrap(m: Any) -> Any:
         if cfg.model.kind == "mllama":
@@ -205,7 +206,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         # A separate frozen reference, sharded like the policy and kept in eval mode.
         ref_model = _load_model(cfg, local_copy(cfg.model.reference_path), ds_config, dtype).eval()
         ref_config = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
-        ref_engine, *_ = deepspeed.initialize(model=ref_model, config=ref_config)
+        with console.quiet_prints():
+            ref_engine, *_ = deepspeed.initialize(model=ref_model, config=ref_config)
         ref_engine.eval()
 
     def reference_logps(batch: PreferenceBatch) -> PairLogps:
