@@ -129,6 +129,22 @@ def test_a_hung_read_is_given_up_at_its_deadline_and_the_reads_after_it_go_on() 
         release.set()
 
 
+def test_reads_that_stay_hung_are_bounded_then_fail_the_run_clearly() -> None:
+    """A dead store hangs every read: the abandoned threads stop at max_hung, with an
+    error that names the setting, instead of growing with every batch."""
+    release = threading.Event()
+    pool = ReadPool(2, max_hung=3)
+    try:
+        assert pool.run(lambda item: release.wait(30), ["a", "b"], timeout_s=0.2) == [(False, None)] * 2
+        with pytest.raises(StorageError, match=r"image_read_timeout_s 0\.2: the image store is not answering"):
+            pool.run(lambda item: release.wait(30), ["c", "d"], timeout_s=0.2)
+    finally:
+        release.set()
+    time.sleep(0.2)
+    # Reads that came back no longer count: the same pool works again.
+    assert pool.run(str.upper, ["e"], timeout_s=0.5) == [(True, "E")]
+
+
 def test_fetch_turns_a_timeout_into_the_rows_verdict(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     (tmp_path / "slow.png").write_bytes(b"x")
     (tmp_path / "fast.png").write_bytes(b"y")

@@ -72,12 +72,18 @@ class ImageSource:
 class ReadPool:
     """Threads for reads (S3 GETs wait on the network without the GIL), each read under a
     deadline. A read past it is given up: its thread is left to finish or hang, the pool is
-    replaced and the reads not started yet move to the new one."""
+    replaced and the reads not started yet move to the new one. More than ``max_hung``
+    reads hung at once fail the run (:class:`StorageError`): threads cannot be stopped,
+    so they are bounded instead."""
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, max_hung: int | None = None) -> None:
         self.threads = threads
+        # Python cannot stop a thread: past this many reads still hung, the store itself
+        # is down (a dead mount, a stalled endpoint) and the run stops rather than grow.
+        self.max_hung = max_hung if max_hung is not None else max(16, 4 * threads)
         self._pool = self._new()
         self.abandoned = 0  # reads given up, whose threads may still be running
+        self._hung: set[Future[Any]] = set()
 
     def _new(self) -> ThreadPoolExecutor:
         return ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="mint-fetch")
@@ -109,7 +115,16 @@ class ReadPool:
             if late:
                 pending = self._replace(pending - late, index, call)
                 self.abandoned += len(late)
+                self._check_hung(late, timeout_s)
         return results
+
+    def _check_hung(self, late: set[Future[Any]], timeout_s: float) -> None:
+        self._hung = {f for f in self._hung | late if not f.done()}
+        if len(self._hung) > self.max_hung:
+            raise StorageError(
+                f"{len(self._hung)} image reads have not returned, each given up after "
+                f"image_read_timeout_s {timeout_s:g}: the image store is not answering (a hung "
+                f"mount or endpoint). Fix the store and run again; published data is unchanged")
 
     def _replace(self, pending: set[Future[Any]], index: dict[Future[Any], int],
                  call: Callable[[int], Any]) -> set[Future[Any]]:
