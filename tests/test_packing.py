@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mint_ray.errors import ConfigError
@@ -19,7 +20,7 @@ from mint_ray.training.batching import (
     collate_pairs,
     encode_rows,
 )
-from mint_ray.training.logprobs import policy_logps
+from mint_ray.training.logprobs import pair_logps, policy_logps
 from mint_ray.training.packing import (
     CHOSEN,
     PAD,
@@ -223,3 +224,47 @@ def test_processor_extras_follow_the_layout() -> None:
                           pad_id=0)
     assert unpacked_layout(batch).inputs["pixel_values"].shape == (4, 2)
     assert packed_layout(batch).inputs["pixel_values"].shape == (2, 2)
+
+
+class DeviceReadbacks(TorchDispatchMode):
+    """Records every op that makes the host wait for a device (``meta`` stands in for the GPU):
+    a value read back (``.item()``, ``int()``, ``nonzero``) or a blocking host-to-device copy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        on_device = any(t.device.type == "meta" for t in tensors)
+        name = func.overloadpacket.__name__
+        if on_device and name in ("_local_scalar_dense", "nonzero", "item", "is_nonzero", "equal"):
+            self.seen.append(name)
+        if name in ("_to_copy", "copy_"):
+            src, dst = (args[0].device, kwargs.get("device")) if name == "_to_copy" else (args[1].device,
+                                                                                        args[0].device)
+            blocking = not (kwargs.get("non_blocking") or (name == "copy_" and len(args) > 2 and args[2]))
+            if src.type == "cpu" and dst is not None and dst.type == "meta" and blocking:
+                self.seen.append("blocking copy to the device")
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_micro_step_reads_nothing_back_from_the_device(tok: Any, pairs: list[EncodedPair], packed: bool,
+                                                         chunked: bool) -> None:
+    """Layout, log-probabilities, loss: every size comes from the batch's host-side lengths."""
+    from mint_ray.training.chunked_logprobs import read_positions
+
+    batch = collate_pairs(pairs, tok.pad_token_id)
+    with DeviceReadbacks() as readbacks:
+        on_device = batch.to("meta", non_blocking=True)
+        layout = packed_layout(on_device) if packed else unpacked_layout(on_device)
+        if chunked:
+            read_positions(layout, with_prompt=True)
+        ids = layout.inputs["input_ids"]
+        logits = torch.empty(*ids.shape, len(tok), device="meta")
+        out = pair_logps(layout_token_logps(logits, layout), layout)
+        orpo_loss(out.chosen, out.rejected, out.chosen_nll, valid=out.valid)
+    assert readbacks.seen == []

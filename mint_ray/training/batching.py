@@ -37,6 +37,7 @@ and ``sample_id``; never its text, since notes must not reach logs).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -337,6 +338,9 @@ class PreferenceBatch:
     Layout-free on purpose: ``training.packing`` lays the same batch out either
     as 2B sequences ``[prompt|chosen]``, ``[prompt|rejected]`` or as B packed
     ``[prompt|chosen|rejected]`` sequences, on the model's device.
+    ``lengths`` (each pair's prompt, chosen and rejected lengths) and ``pad_id``
+    are host copies: the layouts take their sizes from them, so building one on a
+    GPU never waits for the GPU to hand a value back.
     """
 
     prompt_ids: Tensor
@@ -345,18 +349,28 @@ class PreferenceBatch:
     chosen_lens: Tensor
     rejected_ids: Tensor
     rejected_lens: Tensor
+    lengths: tuple[tuple[int, int, int], ...]
+    pad_id: int
     extras: dict[str, Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return int(self.prompt_lens.shape[0])
+        return len(self.lengths)
 
-    def to(self, device: torch.device | str) -> PreferenceBatch:
-        return PreferenceBatch(**{n: getattr(self, n).to(device) for n in _SEGMENT_FIELDS},
-                               extras={k: v.to(device) for k, v in self.extras.items()})
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PreferenceBatch:
+        """The tensors on ``device``; ``non_blocking`` (from pinned memory) queues the copies
+        behind the device's work instead of waiting for it to finish."""
+        return dataclasses.replace(
+            self, **{n: getattr(self, n).to(device, non_blocking=non_blocking) for n in _SEGMENT_FIELDS},
+            extras={k: v.to(device, non_blocking=non_blocking) for k, v in self.extras.items()})
+
+    def pin_memory(self) -> PreferenceBatch:
+        """The tensors in page-locked host memory, for a ``to(cuda, non_blocking=True)``."""
+        return dataclasses.replace(self, **{n: getattr(self, n).pin_memory() for n in _SEGMENT_FIELDS},
+                                   extras={k: v.pin_memory() for k, v in self.extras.items()})
 
     def num_tokens(self) -> int:
         """Distinct tokens in the batch (prompt counted once per pair)."""
-        return int((self.prompt_lens + self.chosen_lens + self.rejected_lens).sum())
+        return sum(p + c + r for p, c, r in self.lengths)
 
 
 _SEGMENT_FIELDS = ("prompt_ids", "prompt_lens", "chosen_ids", "chosen_lens",
@@ -380,6 +394,9 @@ def collate_pairs(pairs: Sequence[EncodedPair], pad_id: int) -> PreferenceBatch:
         raise MintError("a batch mixes rows with and without processor inputs (images): "
                         "batch vision and text-only rows separately")
     extras = {k: torch.cat([p.extras[k] for p in pairs]) for k in sorted(keys)}
+    lengths = tuple((len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
     return PreferenceBatch(*_pad([p.prompt_ids for p in pairs], pad_id),
                            *_pad([p.chosen_ids for p in pairs], pad_id),
-                           *_pad([p.rejected_ids for p in pairs], pad_id), extras=extras)
+                           *_pad([p.rejected_ids for p in pairs], pad_id),
+                           lengths=lengths, pad_id=pad_id, extras=extras)
+

@@ -82,11 +82,13 @@ class Reads:
 
 def read_positions(layout: Layout, with_prompt: bool) -> Reads:
     """Every position whose log-probability the loss reads (``with_prompt``: the sequence NLL)."""
-    mask = layout.chosen | layout.rejected
+    # On the host copies: a nonzero on the device would wait for the device to finish.
+    prompt, chosen, rejected = layout.host_masks
+    mask = chosen | rejected
     if with_prompt:
-        mask = mask | layout.prompt
-    rows, cols = mask.nonzero(as_tuple=True)
+        mask = mask | prompt
     ids = layout.inputs["input_ids"]
+    rows, cols = (t.to(ids.device, non_blocking=True) for t in mask.nonzero(as_tuple=True))
     sources = cols
     if layout.first_rejected is not None:
         position, source = layout.first_rejected.unbind(1)

@@ -4,6 +4,10 @@ Unpacked (TRL's concatenated form): 2B rows, ``[prompt|chosen]`` for the B pairs
 then ``[prompt|rejected]``, right-padded, with a 2D attention mask. The prompt
 is forwarded twice.
 
+Every size and index list comes from the batch's host-side ``lengths``: building
+a layout on a GPU never reads a value back from it (no ``.item()``/``nonzero``),
+so the host can queue the next forward while the device still runs this one.
+
 Packed (shared prefix): B rows ``[prompt|chosen|rejected]`` with a float 4D mask
 ``[B, 1, T, T]`` (0 allowed, ``finfo(dtype).min`` blocked): causal everywhere,
 and rejected tokens see the prompt but not the chosen tokens; the rejected
@@ -42,6 +46,8 @@ class Layout:
     N is 2B (unpacked) or B (packed). ``first_rejected`` (packed only) is
     ``[B, 2]``: the row position of each pair's first rejected token (-1 where
     the pair has none) and the position of the logits that predict it.
+    ``host_masks`` are the three masks on the CPU, for index lists (``nonzero``)
+    that would otherwise wait on the device.
     """
 
     inputs: dict[str, Tensor]
@@ -49,50 +55,63 @@ class Layout:
     chosen: Tensor
     rejected: Tensor
     pairs: int
+    host_masks: tuple[Tensor, Tensor, Tensor]
     first_rejected: Tensor | None = None
 
 
-def _concat(segments: list[tuple[int, Tensor, Tensor]], total: int, pad_id: int
-            ) -> tuple[Tensor, Tensor]:
-    """Concatenate ``(code, ids, lens)`` segments per row: ``(ids, codes)``, both ``[B, total]``."""
-    ids_0 = segments[0][1]
+def _segment_codes(rows: list[list[tuple[int, int]]], total: int) -> Tensor:
+    """``[N, total]`` segment codes on the CPU from each row's ``(code, length)`` segments."""
+    codes = torch.full((len(rows), total), PAD, dtype=torch.long)
+    for i, segments in enumerate(rows):
+        start = 0
+        for code, n in segments:
+            codes[i, start:start + n] = code
+            start += n
+    return codes
+
+
+def _concat(segments: list[tuple[Tensor, Tensor]], total: int, pad_id: int) -> Tensor:
+    """Concatenate ``(ids, lens)`` segments per row into ``[B, total]`` ids (``pad_id`` after)."""
+    ids_0 = segments[0][0]
     pos = torch.arange(total, device=ids_0.device).expand(ids_0.shape[0], total)
     ids = torch.full_like(pos, pad_id)
-    codes = torch.full_like(pos, PAD)
-    start = torch.zeros_like(segments[0][2])
-    for code, seg_ids, lens in segments:
+    start = torch.zeros_like(segments[0][1])
+    for seg_ids, lens in segments:
         rel = pos - start[:, None]
         inside = (rel >= 0) & (rel < lens[:, None])
         values = seg_ids.gather(1, rel.clamp(0, seg_ids.shape[1] - 1))
         ids = torch.where(inside, values, ids)
-        codes = torch.where(inside, code, codes)
         start = start + lens
-    return ids, codes
+    return ids
 
 
-def _pad_id(batch: PreferenceBatch) -> int:
-    # Any valid id will do: padded positions are masked out of attention and targets.
-    return int(batch.prompt_ids[0, 0])
+def _masks(codes: Tensor, prompt_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Prompt (first ``prompt_rows`` rows only), chosen and rejected targets on the shifted grid."""
+    target = codes[:, 1:]
+    in_prompt_rows = (torch.arange(codes.shape[0]) < prompt_rows)[:, None]
+    return (target == PROMPT) & in_prompt_rows, target == CHOSEN, target == REJECTED
+
+
+def _on(device: torch.device, *tensors: Tensor) -> list[Tensor]:
+    # Host-built tensors queue behind the device's work instead of waiting for it.
+    return [t.to(device, non_blocking=True) for t in tensors]
 
 
 def unpacked_layout(batch: PreferenceBatch) -> Layout:
     """2B rows: ``[prompt|chosen]`` x B, then ``[prompt|rejected]`` x B."""
-    p, c, r = batch.prompt_lens, batch.chosen_lens, batch.rejected_lens
-    total = int(torch.maximum(p + c, p + r).max())
-    prompt = (PROMPT, batch.prompt_ids, p)
-    pad_id = _pad_id(batch)
-    chosen_ids, chosen_codes = _concat([prompt, (CHOSEN, batch.chosen_ids, c)], total, pad_id)
-    rejected_ids, rejected_codes = _concat([prompt, (REJECTED, batch.rejected_ids, r)], total,
-                                           pad_id)
-    ids, codes = torch.cat([chosen_ids, rejected_ids]), torch.cat([chosen_codes, rejected_codes])
-    target = codes[:, 1:]
+    total = max(p + max(c, r) for p, c, r in batch.lengths)
     b = len(batch)
+    host_codes = _segment_codes([[(PROMPT, p), (CHOSEN, c)] for p, c, _ in batch.lengths]
+                                + [[(PROMPT, p), (REJECTED, r)] for p, _, r in batch.lengths], total)
+    prompt = (batch.prompt_ids, batch.prompt_lens)
+    ids = torch.cat([_concat([prompt, (batch.chosen_ids, batch.chosen_lens)], total, batch.pad_id),
+                     _concat([prompt, (batch.rejected_ids, batch.rejected_lens)], total, batch.pad_id)])
     # The prompt is predicted in both copies; a sequence NLL reads the chosen copy.
-    in_chosen_row = (torch.arange(2 * b, device=ids.device) < b)[:, None]
+    host_masks = _masks(host_codes, b)
+    codes, *masks = _on(ids.device, host_codes, *host_masks)
     inputs = {"input_ids": ids, "attention_mask": (codes != PAD).long(),
               **{k: torch.cat([v, v]) for k, v in batch.extras.items()}}
-    return Layout(inputs=inputs, prompt=(target == PROMPT) & in_chosen_row,
-                  chosen=target == CHOSEN, rejected=target == REJECTED, pairs=b)
+    return Layout(inputs, *masks, pairs=b, host_masks=host_masks)
 
 
 def packed_attention_mask(codes: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -109,20 +128,21 @@ def packed_attention_mask(codes: Tensor, dtype: torch.dtype = torch.float32) -> 
 
 def packed_layout(batch: PreferenceBatch, dtype: torch.dtype = torch.float32) -> Layout:
     """B rows ``[prompt|chosen|rejected]``; ``dtype`` is the attention mask's (the model's)."""
-    p, c, r = batch.prompt_lens, batch.chosen_lens, batch.rejected_lens
-    total = int((p + c + r).max())
-    ids, codes = _concat([(PROMPT, batch.prompt_ids, p), (CHOSEN, batch.chosen_ids, c),
-                          (REJECTED, batch.rejected_ids, r)], total, _pad_id(batch))
-    pos = torch.arange(total, device=ids.device).expand_as(ids)
-    position_ids = torch.where(codes == REJECTED, pos - c[:, None], pos)
-    position_ids = torch.where(codes == PAD, 0, position_ids)
-    target = codes[:, 1:]
+    total = max(p + c + r for p, c, r in batch.lengths)
+    host_codes = _segment_codes([[(PROMPT, p), (CHOSEN, c), (REJECTED, r)]
+                                 for p, c, r in batch.lengths], total)
+    ids = _concat([(batch.prompt_ids, batch.prompt_lens), (batch.chosen_ids, batch.chosen_lens),
+                   (batch.rejected_ids, batch.rejected_lens)], total, batch.pad_id)
     # Token P+C (the first rejected one) is predicted from position P-1.
-    first = torch.stack([torch.where(r > 0, p + c, -1), p - 1], dim=1)
+    host_first = torch.tensor([[p + c if r > 0 else -1, p - 1] for p, c, r in batch.lengths])
+    host_masks = _masks(host_codes, len(batch))
+    codes, first, *masks = _on(ids.device, host_codes, host_first, *host_masks)
+    pos = torch.arange(total, device=ids.device).expand_as(ids)
+    position_ids = torch.where(codes == REJECTED, pos - batch.chosen_lens[:, None], pos)
+    position_ids = torch.where(codes == PAD, 0, position_ids)
     inputs = {"input_ids": ids, "attention_mask": packed_attention_mask(codes, dtype),
               "position_ids": position_ids, **batch.extras}
-    return Layout(inputs=inputs, prompt=target == PROMPT, chosen=target == CHOSEN,
-                  rejected=target == REJECTED, pairs=len(batch), first_rejected=first)
+    return Layout(inputs, *masks, pairs=len(batch), host_masks=host_masks, first_rejected=first)
 
 
 def layout_token_logps(logits: Tensor, layout: Layout) -> Tensor:
