@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,6 +24,7 @@ from mint_ray.training.batching import (
     collate_pairs,
     encode_pair,
     encode_rows,
+    prefetched,
 )
 
 DISEASES = ["Angelman syndrome", "Rett syndrome", "Marfan syndrome", "Noonan syndrome",
@@ -216,3 +220,29 @@ def test_stats_merge() -> None:
     m = a.merge(b)
     assert (m.rows_in, m.pairs, m.prompt_truncated, m.chosen_truncated) == (5, 3, 1, 1)
     assert m.dropped == {"identical": 2, "empty_chosen": 1}
+
+
+def test_prefetched_keeps_order_stays_bounded_and_raises_where_the_producer_failed() -> None:
+    made: list[int] = []
+
+    def items() -> Iterator[int]:
+        for i in range(6):
+            made.append(i)
+            if i == 4:
+                raise ValueError("image 4 is unreadable")
+            yield i
+
+    out = prefetched(items(), depth=2)
+    assert next(out) == 0
+    time.sleep(0.3)
+    assert len(made) <= 4  # the one handed out, two queued, one waiting for a slot
+    assert [next(out) for _ in range(3)] == [1, 2, 3]
+    with pytest.raises(ValueError, match="image 4"):
+        next(out)
+
+
+def test_closing_prefetched_early_stops_its_thread() -> None:
+    out = prefetched(iter(range(1000)), depth=1)
+    assert next(out) == 0
+    out.close()
+    assert not [t for t in threading.enumerate() if t.name == "mint-prefetch"]

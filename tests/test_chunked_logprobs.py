@@ -209,19 +209,22 @@ def test_mllama_with_lora_on_lm_head_equals_full_logits(mllama_dir: Path, packed
     model = apply_lora(base, lora, "mllama")
     assert any("lm_head.lora_B" in n for n, _ in model.named_parameters())
     perturb_lora_b(model)
-    image_id = base.config.image_token_index
-    text_vocab = base.config.text_config.vocab_size
-    pairs = make_pairs(text_vocab, first=[image_id])
+    batch = mllama_batch(base.config)
+    assert_chunked_equals_full(MllamaForward(model, base.config.image_token_index, torch.float32), batch,
+                               "orpo", packed, params=model)
+
+
+def mllama_batch(config: Any) -> PreferenceBatch:
+    """Random pairs for a Mllama ``config``, each prompt led by the image token, with a random image."""
+    pairs = make_pairs(config.text_config.vocab_size, first=[config.image_token_index])
     g = torch.Generator().manual_seed(2)
-    tiles = base.config.vision_config.max_num_tiles
-    size = base.config.vision_config.image_size
+    tiles, size = config.vision_config.max_num_tiles, config.vision_config.image_size
     for i, pair in enumerate(pairs):
         pairs[i] = EncodedPair(pair.prompt_ids, pair.chosen_ids, pair.rejected_ids, extras={
             "pixel_values": torch.randn(1, 1, tiles, 3, size, size, generator=g),
             "aspect_ratio_ids": torch.tensor([[1]]),
             "aspect_ratio_mask": torch.tensor([[[1] + [0] * (tiles - 1)]])})
-    batch = collate_pairs(pairs, pad_id=0)
-    assert_chunked_equals_full(MllamaForward(model, image_id, torch.float32), batch, "orpo", packed, params=model)
+    return collate_pairs(pairs, pad_id=0)
 
 
 # ---- refusals ------------------------------------------------------------------------------

@@ -218,11 +218,11 @@ def test_packed_refuses_attention_without_4d_masks(tok: Any, pairs: list[Encoded
         policy_logps(model, collate_pairs(pairs, tok.pad_token_id), packed=True)
 
 
-def test_processor_extras_follow_the_layout() -> None:
+def test_processor_extras_stay_one_per_pair_in_both_layouts() -> None:
     batch = collate_pairs([EncodedPair([1, 2], [3], [4], extras={"pixel_values": torch.ones(1, 2)}),
                            EncodedPair([1], [3, 4], [5], extras={"pixel_values": torch.ones(1, 2)})],
                           pad_id=0)
-    assert unpacked_layout(batch).inputs["pixel_values"].shape == (4, 2)
+    assert unpacked_layout(batch).inputs["pixel_values"].shape == (2, 2)
     assert packed_layout(batch).inputs["pixel_values"].shape == (2, 2)
 
 

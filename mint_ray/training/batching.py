@@ -38,9 +38,11 @@ and ``sample_id``; never its text, since notes must not reach logs).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from pydantic import Field, model_validator
@@ -50,6 +52,8 @@ from transformers import PreTrainedTokenizerBase
 from mint_ray.config import StrictModel
 from mint_ray.errors import ConfigError, MintError
 from mint_ray.tasks import render_chat
+
+T = TypeVar("T")
 
 DROP_REASONS = (
     "malformed_prompt",            # not a non-empty list of {role, content} messages
@@ -400,3 +404,51 @@ def collate_pairs(pairs: Sequence[EncodedPair], pad_id: int) -> PreferenceBatch:
                            *_pad([p.rejected_ids for p in pairs], pad_id),
                            lengths=lengths, pad_id=pad_id, extras=extras)
 
+
+# ---- prefetch --------------------------------------------------------------------
+
+_END = object()
+
+
+def prefetched(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """``items``, produced up to ``depth`` ahead by a background thread.
+
+    The trainer's micro-batches (image reads from S3, the image processor, pinning)
+    are built while the device runs the previous ones instead of between them. An
+    error in the producer is raised here, at the item it failed on; closing the
+    iterator early stops the thread.
+    """
+    slots: queue.Queue[tuple[Any, BaseException | None]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry: tuple[Any, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((_END, None))
+        except BaseException as err:  # handed to the consumer, raised there
+            put((_END, err))
+
+    thread = threading.Thread(target=produce, name="mint-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, err = slots.get()
+            if err is not None:
+                raise err
+            if item is _END:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()

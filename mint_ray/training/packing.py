@@ -2,7 +2,7 @@
 
 Unpacked (TRL's concatenated form): 2B rows, ``[prompt|chosen]`` for the B pairs
 then ``[prompt|rejected]``, right-padded, with a 2D attention mask. The prompt
-is forwarded twice.
+is forwarded twice (its image is not: processor inputs stay one per pair).
 
 Every size and index list comes from the batch's host-side ``lengths``: building
 a layout on a GPU never reads a value back from it (no ``.item()``/``nonzero``),
@@ -98,7 +98,11 @@ def _on(device: torch.device, *tensors: Tensor) -> list[Tensor]:
 
 
 def unpacked_layout(batch: PreferenceBatch) -> Layout:
-    """2B rows: ``[prompt|chosen]`` x B, then ``[prompt|rejected]`` x B."""
+    """2B rows: ``[prompt|chosen]`` x B, then ``[prompt|rejected]`` x B.
+
+    Processor inputs (images) stay one per pair: the forward (``vision.MllamaForward``)
+    encodes each image once and gives its states to both of the pair's rows.
+    """
     total = max(p + max(c, r) for p, c, r in batch.lengths)
     b = len(batch)
     host_codes = _segment_codes([[(PROMPT, p), (CHOSEN, c)] for p, c, _ in batch.lengths]
@@ -109,8 +113,7 @@ def unpacked_layout(batch: PreferenceBatch) -> Layout:
     # The prompt is predicted in both copies; a sequence NLL reads the chosen copy.
     host_masks = _masks(host_codes, b)
     codes, *masks = _on(ids.device, host_codes, *host_masks)
-    inputs = {"input_ids": ids, "attention_mask": (codes != PAD).long(),
-              **{k: torch.cat([v, v]) for k, v in batch.extras.items()}}
+    inputs = {"input_ids": ids, "attention_mask": (codes != PAD).long(), **batch.extras}
     return Layout(inputs, *masks, pairs=b, host_masks=host_masks)
 
 

@@ -15,7 +15,7 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from mint_ray import console, losses, storage, students
 from mint_ray.model_folders import local_copy, publish_dir, write_metadata
-from mint_ray.training.batching import EncodedPair, PreferenceBatch, collate_pairs, encode_rows
+from mint_ray.training.batching import EncodedPair, PreferenceBatch, collate_pairs, encode_rows, prefetched
 from mint_ray.training.config import Config
 from mint_ray.training.data import training_rows
 from mint_ray.training.deepspeed_config import deepspeed_config
@@ -250,20 +250,33 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     progress = console.Progress(f"[train] {cfg.objective}", total_steps, logger=log, start=start_step,
                                 every_n=console.every_n_for(total_steps)) if rank == 0 else None
     run_tokens, run_seconds = 0.0, 0.0
+
+    def micro_batches() -> Iterator[PreferenceBatch]:
+        """Every micro-batch of the run in order, on the host (pinned for a GPU), images included."""
+        for step in range(start_step, total_steps):
+            epoch, index = divmod(step, steps_per_epoch)
+            shard = shard_for_rank(pairs, rank, world, cfg.optim.seed, epoch)
+            for a in range(accum):
+                first = (index * accum + a) * micro
+                chunk = shard[first:first + micro]
+                batch = collate_pairs(chunk, tokenizer.pad_token_id)
+                if cfg.model.kind == "mllama":
+                    images = [storage.read_bytes(image_of[p.sample_id]) for p in chunk]
+                    batch = dataclasses.replace(batch, extras=pixel_inputs(processor, images))
+                yield batch.pin_memory() if device.type == "cuda" else batch
+
+    # Built by a background thread two micro-batches ahead: reading and preprocessing the
+    # images no longer sits between two forwards.
+    batches = prefetched(micro_batches(), depth=2)
     for step in range(start_step, total_steps):
-        epoch, index = divmod(step, steps_per_epoch)
-        shard = shard_for_rank(pairs, rank, world, cfg.optim.seed, epoch)
         step_metrics: dict[str, torch.Tensor] = {}
         tokens = 0
         t_step = time.time()
-        for a in range(accum):
-            first = (index * accum + a) * micro
-            batch = collate_pairs(shard[first:first + micro], tokenizer.pad_token_id)
-            if cfg.model.kind == "mllama":
-                images = [storage.read_bytes(image_of[p.sample_id]) for p in shard[first:first + micro]]
-                batch = dataclasses.replace(batch, extras=pixel_inputs(processor, images))
+        for _ in range(accum):
+            batch = next(batches)
             tokens += batch.num_tokens()  # counted on the host copy: no device sync
-            batch = batch.to(device)
+            # From pinned memory: the copy queues behind the previous backward instead of waiting for it.
+            batch = batch.to(device, non_blocking=True)
             loss, metrics = objective(wrap(engine), batch)
             engine.backward(loss)
             engine.step()
@@ -294,6 +307,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 ray.train.report(agg, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir),
                                  checkpoint_dir_name=f"checkpoint_step{done:06d}")
 
+    batches.close()
     if progress is not None:
         progress.close()
     # Per-rank figures (ZeRO-3 shards parameters and optimizer state across ranks).
