@@ -138,10 +138,14 @@ def load_tokenizer_and_processor(path: str | Path, kind: StudentKind) -> tuple[A
     return processor.tokenizer, processor
 
 
-def load_student(path: str | Path, kind: StudentKind, dtype: torch.dtype) -> Any:
+def load_student(path: str | Path, kind: StudentKind, dtype: torch.dtype, device: str | None = None) -> Any:
     """Load the model at ``path``. Under ZeRO-3 call this while ``HfDeepSpeedConfig`` is
-    alive, so weights are partitioned at load and no rank holds the full model."""
-    return model_class(kind).from_pretrained(path, dtype=dtype)
+    alive, so weights are partitioned at load and no rank holds the full model.
+    ``device`` (inference): the weights are read in ``dtype`` straight onto it, never
+    staged whole on the host first."""
+    if device is None:
+        return model_class(kind).from_pretrained(path, dtype=dtype)
+    return model_class(kind).from_pretrained(path, dtype=dtype, device_map=device)
 
 
 def lora_target_modules(model: torch.nn.Module, lora: LoraAdapterConfig, kind: StudentKind) -> list[str] | str:

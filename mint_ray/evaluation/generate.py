@@ -27,7 +27,7 @@ from pydantic import Field
 from mint_ray import model_folders, registry, storage
 from mint_ray.config import StrictModel
 from mint_ray.errors import MintError
-from mint_ray.generation import SAMPLING_TEXT, SAMPLING_VISION
+from mint_ray.generation import SAMPLING_TEXT, SAMPLING_VISION, GeneratorConfig
 from mint_ray.model_folders import METADATA_FILE, write_metadata
 from mint_ray.tasks import Task, get_task
 
@@ -45,6 +45,8 @@ class GenerationConfig(StrictModel):
     # Fractional by default: an actor pool taking every CPU starves Ray Data's
     # read tasks on small hosts and the pipeline stalls.
     num_cpus_per_actor: float = Field(0.5, gt=0)
+    # The backend, device and dtype each actor loads the student with.
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
 
 
 def decoding_kwargs(cfg: GenerationConfig, task: Task) -> dict[str, Any]:
@@ -104,12 +106,13 @@ class GenerationActor:
     """Holds one loaded student; answers a batch of rows (``sample_id``, ``messages``, ``image_uri``)."""
 
     def __init__(self, model_uri: str, task_name: str, decoding: dict[str, Any], seed: int,
-                 tracking_uri: str | None) -> None:
+                 tracking_uri: str | None, generator: dict[str, Any]) -> None:
         import torch
 
         from mint_ray.generation import load_generator
 
-        self._generator = load_generator(local_model_dir(model_uri, get_task(task_name), tracking_uri))
+        self._generator = load_generator(local_model_dir(model_uri, get_task(task_name), tracking_uri),
+                                         GeneratorConfig.model_validate(generator))
         self._decoding = decoding
         torch.manual_seed(seed)
 
@@ -141,7 +144,7 @@ def generate(model_uri: str, task: Task, requests: Sequence[Request], cfg: Gener
         GenerationActor,
         fn_constructor_kwargs={"model_uri": model_uri, "task_name": task.name,
                                "decoding": decoding_kwargs(cfg, task), "seed": cfg.seed,
-                               "tracking_uri": tracking_uri},
+                               "tracking_uri": tracking_uri, "generator": cfg.generator.model_dump()},
         batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.actors),
         num_gpus=cfg.num_gpus_per_actor, num_cpus=cfg.num_cpus_per_actor).take_all()
     out = {str(row["sample_id"]): str(row["generation"]) for row in answered}

@@ -11,6 +11,7 @@ import re
 from pydantic import Field, field_validator, model_validator
 
 from mint_ray.config import RayConfig, StrictModel
+from mint_ray.generation import GeneratorConfig
 from mint_ray.images import ALLOWED_FORMATS, ImageLimits
 from mint_ray.tasks import MAX_NOTE_CHARS, TASKS
 
@@ -110,6 +111,8 @@ class ServeConfig(StrictModel):
     limits: RequestLimitsConfig = Field(default_factory=RequestLimitsConfig)
     batching: RequestBatchingConfig = Field(default_factory=RequestBatchingConfig)
     deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
+    # The backend, device and dtype a replica loads the student with.
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
 
     @field_validator("task")
     @classmethod

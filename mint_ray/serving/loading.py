@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mint_ray.errors import MintError
+from mint_ray.generation import Generator, load_generator
 from mint_ray.registry import alias_version as registry_alias_version
 from mint_ray.registry import local_model_dir, parse_models_uri
 from mint_ray.serving.config import ServeConfig
@@ -67,7 +68,7 @@ def served_task(metadata: dict[str, Any]) -> Task:
 class LoadedModel:
     """A loaded student and where it came from; replaced whole on an alias move."""
 
-    generator: Any  # mint_ray.generation.Generator
+    generator: Generator
     ref: ModelRef
     version: str | None
     task: Task  # worded as the model's metadata records (served_task)
@@ -110,10 +111,8 @@ class LoadedModel:
 def load_model(cfg: ServeConfig, ref: ModelRef, version: str | None) -> LoadedModel:
     """Load the student (registered models: exactly ``version``) from the node-local model
     cache, fetching it there first if this node has no copy yet."""
-    from mint_ray.generation import load_generator
-
     uri = f"models:/{ref.name}/{version}" if ref.registered and version else ref.uri
-    generator = load_generator(local_model_dir(uri))
+    generator = load_generator(local_model_dir(uri), cfg.generator)
     if generator.task not in TASKS:
         raise MintError(f"{uri}: mint_model.json names task {generator.task!r}; "
                         f"a served model must do one of {', '.join(sorted(TASKS))}")
@@ -123,8 +122,7 @@ def load_model(cfg: ServeConfig, ref: ModelRef, version: str | None) -> LoadedMo
     task = served_task(generator.metadata)
     ids = LabelIds(label_catalog(task, generator.metadata, cfg.label_catalog_uri))
     tokenizer = generator.tokenizer
-    text_config = generator.model.config.get_text_config()
     specials = [*tokenizer.all_special_tokens, *(t.content for t in tokenizer.added_tokens_decoder.values())]
     return LoadedModel(generator, ref, version, task, generator.metadata, ids,
-                       context_tokens=getattr(text_config, "max_position_embeddings", None),
+                       context_tokens=generator.context_tokens,
                        control_tokens=control_token_pattern(specials))
