@@ -70,6 +70,11 @@ class Generator(Protocol):
         """One answer per conversation; ``images`` (PIL, bytes or None) go with vision students."""
         ...
 
+    def close(self) -> None:
+        """Free the weights now, not when the last reference goes (a replica making room
+        for the next version); the tokenizer and metadata stay usable."""
+        ...
+
 
 class HfGenerator:
     """``Generator`` on Hugging Face ``generate`` (static batch, KV cache)."""
@@ -107,6 +112,17 @@ class HfGenerator:
                                       eos_token_id=self.tokenizer.eos_token_id, **sampling)
         new = out[:, inputs["input_ids"].shape[1]:]
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+
+    def close(self) -> None:
+        import gc
+
+        import torch
+
+        self.model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def _image(image: Any) -> Any:

@@ -7,6 +7,7 @@ keys are the field names. Unknown keys are an error, as in every stage.
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -100,6 +101,13 @@ class ServeConfig(StrictModel):
     tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI
     # How often a replica serving an alias asks the registry where it points; 0: never.
     alias_poll_s: float = Field(30, ge=0)
+    # How a replica takes the version the alias moved to (loading.ModelSlot).
+    # load_beside (default): the new version loads while the old one keeps answering, so
+    #   a move costs no pause; the replica needs room for both (two copies of the 1B text
+    #   student, or of the 11B in bf16 on an 80 GB GPU).
+    # release_first: requests wait while the old version is freed and the new one loads
+    #   (none is dropped); for a replica without room for two copies.
+    alias_swap: Literal["load_beside", "release_first"] = "load_beside"
     max_new_tokens: int | None = Field(None, gt=0)  # None: the task's paper setting
     # The NAME of the environment variable holding the key (never the key itself).
     api_key_env: str | None = None

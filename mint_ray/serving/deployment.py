@@ -6,10 +6,11 @@ through ``user_config``). A request is checked completely before it joins a batc
 model), and a batch that fails anyway is run again one request at a time
 (``generate_each``), so a request that breaks generation fails alone.
 
-A replica that serves an alias polls the registry and, when the alias moves, loads
-the new version beside the old one and swaps the reference: a batch already running
-keeps the model object it started with, so no request is dropped. The HTTP routes
-are built by :mod:`mint_ray.serving.routes` once the model is loaded.
+A replica that serves an alias polls the registry and, when the alias moves, takes
+the new version as ``alias_swap`` says (:class:`~mint_ray.serving.loading.ModelSlot`):
+loaded beside the old one and swapped in, or loaded after the old one is freed. A
+batch keeps the model it started with either way, so no request is dropped. The HTTP
+routes are built by :mod:`mint_ray.serving.routes` once the model is loaded.
 """
 
 from __future__ import annotations
@@ -39,7 +40,14 @@ from mint_ray.serving.inputs import (
     prompt_for,
     prompt_tokens,
 )
-from mint_ray.serving.loading import LoadedModel, alias_version, load_model, parse_model_uri, pinned_version
+from mint_ray.serving.loading import (
+    LoadedModel,
+    ModelSlot,
+    alias_version,
+    load_model,
+    parse_model_uri,
+    pinned_version,
+)
 from mint_ray.serving.routes import create_api
 from mint_ray.serving.schemas import RequestError
 
@@ -101,7 +109,7 @@ class MintStudent:
             mlflow.set_tracking_uri(self.cfg.tracking_uri)
         self.ref = parse_model_uri(self.cfg.model_uri)
         version = await asyncio.to_thread(pinned_version, self.ref)
-        self.model: LoadedModel = await asyncio.to_thread(load_model, self.cfg, self.ref, version)
+        self.slot = ModelSlot(await asyncio.to_thread(load_model, self.cfg, self.ref, version), self.cfg.alias_swap)
         self.alias_error: str | None = None
         self.alias_checked_at: float | None = None
         self._watcher: asyncio.Task | None = None
@@ -111,6 +119,17 @@ class MintStudent:
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
         return create_api(self)
+
+    @property
+    def model(self) -> LoadedModel:
+        """The model requests are checked against now (its weights may be away during a
+        ``release_first`` swap; its tokenizer and metadata are not)."""
+        return self.slot.model
+
+    def check_health(self) -> None:
+        """Serve replaces a replica whose swap failed and that could not reload its old version."""
+        if not self.slot.healthy:
+            raise RuntimeError(f"no model loaded after a failed alias move: {self.alias_error}")
 
     def __del__(self) -> None:
         """Serve calls this when it stops the replica: stop polling the alias."""
@@ -131,8 +150,17 @@ class MintStudent:
         default = SAMPLING_TEXT if self.model.task.modality == "text" else SAMPLING_VISION
         return self.cfg.max_new_tokens or int(default["max_new_tokens"])
 
+    def _load_version(self, version: str | None) -> LoadedModel:
+        """``version`` of the served model, refused if it does another task."""
+        served = self.model
+        new = load_model(self.cfg, self.ref, version)
+        if new.task.name != served.task.name:
+            raise MintError(f"version {version} is a {new.task.name} model; this deployment serves "
+                            f"{served.task.name}: keeping version {served.version}")
+        return new
+
     async def _watch_alias(self) -> None:
-        """Follow the alias: load a new version beside the old one, then swap the reference."""
+        """Follow the alias: swap in the version it points at (``alias_swap``: how)."""
         while True:
             await asyncio.sleep(self.cfg.alias_poll_s)
             try:
@@ -140,13 +168,9 @@ class MintStudent:
                 self.alias_checked_at, self.alias_error = time.time(), None
                 if version == self.model.version:
                     continue
-                log.info("alias %s moved to version %s: loading it", self.ref.uri, version)
-                new = await asyncio.to_thread(load_model, self.cfg, self.ref, version)
-                if new.task.name != self.model.task.name:
-                    raise MintError(f"version {version} is a {new.task.name} model; this deployment serves "
-                                    f"{self.model.task.name}: keeping version {self.model.version}")
-                # Batches in flight hold the old model itself and finish on it.
-                self.model = new
+                log.info("alias %s moved to version %s: loading it (%s)", self.ref.uri, version,
+                         self.cfg.alias_swap)
+                new = await self.slot.replace(self._load_version, version)
                 log.info("now serving %s version %s", self.ref.name, new.version)
             except asyncio.CancelledError:
                 raise
@@ -157,15 +181,16 @@ class MintStudent:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)  # replaced from config by reconfigure()
     async def _generate(self, jobs: list[Job]) -> list[Answer | Exception]:
         """One answer, or that request's own error, per job (never one error for all)."""
-        model = self.model  # one model for the whole batch, even if the alias moves now
+        # One model for the whole batch, even if the alias moves now.
+        async with self.slot.borrow() as model:
 
-        async def run(batch: list[Job]) -> list[Answer]:
-            images = [j.image for j in batch] if model.task.modality == "image" else None
-            texts = await asyncio.to_thread(model.generator.generate, [j.messages for j in batch], images,
-                                            max_new_tokens=self.max_new_tokens)
-            return [Answer(text, model) for text in texts]
+            async def run(batch: list[Job]) -> list[Answer]:
+                images = [j.image for j in batch] if model.task.modality == "image" else None
+                texts = await asyncio.to_thread(model.generator.generate, [j.messages for j in batch], images,
+                                                max_new_tokens=self.max_new_tokens)
+                return [Answer(text, model) for text in texts]
 
-        return await generate_each(run, jobs)
+            return await generate_each(run, jobs)
 
     async def prepare(self, task_name: str, note: str | None, image: bytes | str | None,
                       top_k: int | None) -> Job:

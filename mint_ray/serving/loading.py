@@ -3,12 +3,17 @@ as its metadata records it) and the label ids it can report.
 
 A registered model is loaded at an exact version (an alias is resolved first);
 its folder goes to the node-local model cache (:mod:`mint_ray.model_folders`).
+A replica holds its model in a ``ModelSlot``, which takes a new version as
+``ServeConfig.alias_swap`` says.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,3 +131,60 @@ def load_model(cfg: ServeConfig, ref: ModelRef, version: str | None) -> LoadedMo
     return LoadedModel(generator, ref, version, task, generator.metadata, ids,
                        context_tokens=generator.context_tokens,
                        control_tokens=control_token_pattern(specials))
+
+
+class ModelSlot:
+    """The replica's model: batches borrow it, an alias move replaces it (``alias_swap``).
+
+    ``load_beside``: the new version loads while the old one answers; the swap is one
+    assignment, batches in flight finish on the model they borrowed, and the old model
+    goes with the last of them. ``release_first``: new batches wait, those in flight
+    finish, the old weights are freed, then the new version loads; if it cannot be
+    loaded the old version is loaded again (``healthy`` turns False only when that
+    fails too, and Serve then replaces the replica).
+    """
+
+    def __init__(self, model: LoadedModel, swap: str) -> None:
+        self.model, self.swap, self.healthy = model, swap, True
+        self._state = asyncio.Condition()
+        self._borrowed = 0
+        self._replacing = False
+
+    @asynccontextmanager
+    async def borrow(self) -> AsyncIterator[LoadedModel]:
+        """The current model, kept for the whole block even if a new version comes in."""
+        async with self._state:
+            await self._state.wait_for(lambda: not self._replacing)
+            self._borrowed += 1
+            model = self.model
+        try:
+            yield model
+        finally:
+            async with self._state:
+                self._borrowed -= 1
+                self._state.notify_all()
+
+    async def replace(self, load: Callable[[str | None], LoadedModel], version: str | None) -> LoadedModel:
+        """Swap in ``load(version)``; its errors are raised, the slot keeps a working model."""
+        if self.swap == "load_beside":
+            self.model = await asyncio.to_thread(load, version)
+            return self.model
+        async with self._state:
+            self._replacing = True
+            await self._state.wait_for(lambda: self._borrowed == 0)
+        old = self.model
+        try:
+            await asyncio.to_thread(old.generator.close)
+            try:
+                self.model = await asyncio.to_thread(load, version)
+            except Exception:
+                self.model = await asyncio.to_thread(load, old.version)
+                raise
+            return self.model
+        except Exception:
+            self.healthy = self.model is not old
+            raise
+        finally:
+            async with self._state:
+                self._replacing = False
+                self._state.notify_all()
