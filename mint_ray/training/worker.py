@@ -318,6 +318,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     memory = {"param_shard_fraction": local_params / max(total_params, 1),
               "optimizer_state_numel": float(optim_numel),
               "peak_rss_gb": psutil.Process().memory_info().rss / 2**30}
+    if device.type == "cuda":  # every rank of a run is on the same kind of device: same keys
+        memory["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     per_rank = {f"{k}_rank{r}": v for k, column in gather_per_rank(memory, device).items()
                 for r, v in enumerate(column)}
     nodes = [ray.get_runtime_context().get_node_id()] * world
