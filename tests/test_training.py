@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from mint_ray import storage
 from mint_ray.config import load_config
 from mint_ray.errors import ConfigError, MintError
+from mint_ray.model_folders import METADATA_FILE, publish_dir, read_metadata
 from mint_ray.students import model_class
 from mint_ray.tasks import RARE_DISEASE, TISSUE_TYPE
 from mint_ray.training import run as train_stage
@@ -61,7 +62,7 @@ def _reload_matches_engine(model_dir: str, kind: str) -> float:
         check["cross_attention_mask"] = cross_attention_mask(check["input_ids"], check["aspect_ratio_mask"],
                                                              model.config.image_token_index)
     with torch.no_grad():
-        got = model(**check).logits
+        got = model(**check).logits[:, -expected.shape[1]:]  # the check keeps the last positions
     return float((got - expected).abs().max())
 
 
@@ -194,6 +195,38 @@ def test_zero3_orpo_with_chunked_logits_and_lora_on_lm_head(tmp_path: Path) -> N
     loss = _history(summary["mlflow_run_id"], "loss")
     assert len(loss) == 4 and all(math.isfinite(v) for v in loss)
     assert _reload_matches_engine(summary["model_uri"], "causal_lm") < 1e-4
+    # The adapter, gathered from ZeRO-3, is PEFT's folder: on the base it gives the merged model's logits.
+    from peft import PeftModel
+
+    adapter = Path(summary["training"]["adapter_uri"])
+    assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    base = model_class("causal_lm").from_pretrained(Path(cfg.output_uri, "base"), dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    merged = model_class("causal_lm").from_pretrained(summary["model_uri"], dtype=torch.float32).eval()
+    ids = load_file(str(Path(summary["model_uri"], EXPORT_CHECK)))["input_ids"]
+    with torch.no_grad():
+        assert (peft_model(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max() < 1e-4
+
+
+def test_full_fine_tuning_exports_the_consolidated_weights(tmp_path: Path) -> None:
+    """Without LoRA the ZeRO-3 consolidated weights are saved as they are (no adapter, no merge)."""
+    write_text_prefs(str(tmp_path / "prefs"), 8)
+    cfg = _config(tmp_path, str(tmp_path / "prefs"), "model.lora.enabled=false", "optim.max_steps=2",
+                  "tracking.enabled=false")
+    summary = train_stage.run(cfg)
+    assert "adapter_uri" not in summary["training"] and not (tmp_path / "student" / "adapter").exists()
+    assert _reload_matches_engine(summary["model_uri"], "causal_lm") < 1e-4
+
+
+def test_the_driver_fetches_only_the_metadata_of_an_s3_model(tmp_path: Path, s3_bucket: str) -> None:
+    """After training the driver reads the summary (and registers the model) from the metadata
+    file alone: the weights stay in the store."""
+    folder = make_student_dir(tmp_path / "model")
+    publish_dir(folder, f"{s3_bucket}/model")
+    (tmp_path / "meta").mkdir()
+    local = train_stage.metadata_folder(f"{s3_bucket}/model", tmp_path / "meta")
+    assert [p.name for p in local.iterdir()] == [METADATA_FILE]
+    assert read_metadata(local) == read_metadata(folder)
 
 
 @pytest.mark.parametrize("objective", ["dpo", "sft", "simpo"])

@@ -15,7 +15,7 @@ from typing import Any
 
 from mint_ray import console, storage, students, tracking
 from mint_ray.errors import ConfigError, MintError
-from mint_ray.model_folders import local_copy, publish_dir, read_metadata
+from mint_ray.model_folders import METADATA_FILE, local_copy, publish_dir, read_metadata
 from mint_ray.ray_cluster import init_ray
 from mint_ray.registry import log_student
 from mint_ray.tasks import get_task
@@ -127,7 +127,9 @@ def run(cfg: Config) -> dict[str, Any]:
         run_.log_dict(selection.as_metrics(), "data_selection.json")
         loop_config = {"config": cfg.model_dump(mode="json"), "base_uri": base_uri,
                        "model_uri": model_uri, "metadata": metadata, "run_id": run_.run_id,
-                       "tracking_uri": run_.tracking_uri}
+                       "tracking_uri": run_.tracking_uri,
+                       # A LoRA run's adapter (PEFT's folder) beside the merged model.
+                       "adapter_uri": storage.join(output_uri, "adapter")}
         storage_path, storage_fs = _run_storage(output_uri)
         trainer = TorchTrainer(
             train_loop, train_loop_config=loop_config,
@@ -144,24 +146,35 @@ def run(cfg: Config) -> dict[str, Any]:
         result = trainer.fit()
         if result.error is not None:
             raise result.error
-        local = local_copy(model_uri)
-        training = read_metadata(local)["training"]
-        run_.log_dict(training, "training_summary.json")
-        registered = {}
-        if run_.run_id:
-            name = (cfg.registry.name or get_task(cfg.task).registered_model) if cfg.registry.enabled else None
-            registered = log_student(local, name, model_uri=model_uri, tags={
-                "data.uri": cfg.data.uri, "data.content_hash": manifest.content_hash,
-                "base_model": base_name, "objective": cfg.objective, "task": cfg.task,
-                "teacher": str(metadata["teacher"].get("name", "")),
-                "teacher_version": str(metadata["teacher"].get("version", "")),
-                "code_version": metadata["code_version"]})
+        with tempfile.TemporaryDirectory(prefix="mint-metadata-") as tmp:
+            local = metadata_folder(model_uri, Path(tmp))
+            training = read_metadata(local)["training"]
+            run_.log_dict(training, "training_summary.json")
+            registered = {}
+            if run_.run_id:
+                name = (cfg.registry.name or get_task(cfg.task).registered_model) if cfg.registry.enabled else None
+                registered = log_student(local, name, model_uri=model_uri, tags={
+                    "data.uri": cfg.data.uri, "data.content_hash": manifest.content_hash,
+                    "base_model": base_name, "objective": cfg.objective, "task": cfg.task,
+                    "teacher": str(metadata["teacher"].get("name", "")),
+                    "teacher_version": str(metadata["teacher"].get("version", "")),
+                    "code_version": metadata["code_version"]})
     summary = {"model_uri": model_uri, "checkpoint": result.checkpoint.path if result.checkpoint else None,
                "registered": registered, "mlflow_run_id": run_.run_id,
                "seconds": round(time.time() - t0, 1), "training": training,
                "data_selection": selection.as_metrics()}
     print(f"[train] done in {summary['seconds']}s: {model_uri}", flush=True)
     return summary
+
+
+def metadata_folder(model_uri: str, tmp: Path) -> Path:
+    """A folder with the trained model's metadata, what the driver reads (and the registry, for
+    an s3:// source): the folder itself when local; from s3:// its metadata file alone, copied
+    into ``tmp``, not the GBs of weights beside it."""
+    if not storage.is_s3(model_uri):
+        return local_copy(model_uri)
+    (tmp / METADATA_FILE).write_bytes(storage.read_bytes(storage.join(model_uri, METADATA_FILE)))
+    return tmp
 
 
 def with_absolute_paths(cfg: Config) -> Config:

@@ -4,7 +4,7 @@ One process per GPU (or CPU slot). Every rank: loads the student partitioned
 under ZeRO-3, tokenizes the preference table, takes its equal share of pairs,
 and steps in lockstep. Rank 0 shows the progress (a bar on a terminal, else a line
 every few steps or 30 s), logs to MLflow every ``log_every_n_steps`` and writes the
-consolidated model at the end.
+model at the end (under LoRA: the adapter, and the base merged with it).
 """
 
 from __future__ import annotations
@@ -33,13 +33,16 @@ from mint_ray.training.config import Config
 from mint_ray.training.data import training_rows
 from mint_ray.training.deepspeed_config import deepspeed_config
 from mint_ray.training.logprobs import PairLogps, policy_logps
+from mint_ray.training.merge import ADAPTER_CONFIG, merge_lora, peft_adapter_name, save_adapter
 from mint_ray.training.vision import MllamaForward, pixel_inputs
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Ray Train shows a worker's `print` twice; its logging records once.
 log = logging.getLogger(__name__)
-# Beside the exported weights: a probe input and the training engine's logits on it.
+# Beside the exported weights: a probe input and the training engine's logits on it, at its
+# last PROBE_POSITIONS positions (all of them would be seq x vocab: ~250 MB at Llama's 128k).
 EXPORT_CHECK = "mint_export_check.safetensors"
+PROBE_POSITIONS = 16
 
 
 def shard_for_rank(pairs: list[EncodedPair], rank: int, world: int, seed: int, epoch: int
@@ -346,11 +349,14 @@ def _probe_inputs(probe: PreferenceBatch, processor: Any, images: list[bytes] | 
 def export_model(engine: Any, cfg: Config, base_dir: Path, tokenizer: Any, processor: Any,
                  loop_config: dict[str, Any], rank: int, summary: dict[str, Any],
                  probe: PreferenceBatch, image_of: dict[str, Any]) -> None:
-    """Consolidate the (sharded) weights and write a Hugging Face directory to the output.
+    """Write the trained model as a Hugging Face folder to ``model_uri`` (and a LoRA run's
+    adapter to ``adapter_uri``).
 
-    A collective: every rank must call it (ZeRO-3 gathers the shards). The
-    engine's logits on one probe input are saved beside the weights
-    (``EXPORT_CHECK``), so the export can be checked against a fresh reload.
+    A collective: every rank must call it (ZeRO-3 gathers the shards). With LoRA only the
+    adapter is gathered; rank 0 merges it into the node's base folder tensor by tensor
+    (``training.merge``), in the recipe's dtype. Full fine-tuning saves the consolidated
+    16-bit weights as they are. The engine's logits at the probe's last positions are saved
+    beside the weights (``EXPORT_CHECK``), so the export can be checked against a fresh reload.
     """
     from safetensors.torch import save_file
 
@@ -362,32 +368,55 @@ def export_model(engine: Any, cfg: Config, base_dir: Path, tokenizer: Any, proce
     with torch.no_grad():
         forward = MllamaForward(engine, tokenizer.convert_tokens_to_ids("<|image|>"), torch.float32) \
             if cfg.model.kind == "mllama" else engine
-        engine_logits = forward(**{k: v.to(engine.device) for k, v in probe_inputs.items()}).logits.float().cpu()
-    if cfg.deepspeed.zero_stage == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()
-    else:
-        state = engine.module.state_dict() if rank == 0 else None
+        logits = forward(**{k: v.to(engine.device) for k, v in probe_inputs.items()}).logits
+        engine_logits = logits[:, -PROBE_POSITIONS:].float().cpu()
+    dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
+    adapter = gather_adapter(engine, rank) if cfg.model.lora.enabled else None
+    state = None
+    if not cfg.model.lora.enabled and cfg.deepspeed.zero_stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()  # a collective; the weights land on rank 0
+    elif not cfg.model.lora.enabled and rank == 0:
+        state = engine.module.state_dict()
     if rank != 0:
         return
-    model = students.load_student(base_dir, cfg.model.kind, torch.float32)
-    if cfg.model.lora.enabled:
-        model = students.apply_lora(model, cfg.model.lora, cfg.model.kind)
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    if cfg.model.lora.enabled:
-        model = model.merge_and_unload()
-    metadata = {**loop_config["metadata"], "training": summary}
-    with tempfile.TemporaryDirectory() as out:
-        # 5 GB shards: each file is one streamed multipart upload, well under S3's limits.
-        model.save_pretrained(out, max_shard_size="5GB")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp, "model")
+        if adapter is not None:
+            adapter_dir = save_adapter(Path(tmp, "adapter"), adapter, engine.module.peft_config["default"])
+            publish_dir(adapter_dir, loop_config["adapter_uri"], marker=ADAPTER_CONFIG, overwrite=True)
+            summary = {**summary, "adapter_uri": loop_config["adapter_uri"]}
+            merge_lora(base_dir, adapter_dir, out, cfg.model.kind, dtype)
+        else:
+            # 5 GB shards: each file is one streamed multipart upload, well under S3's limits.
+            engine.module.save_pretrained(out, state_dict=state, max_shard_size="5GB")
         tokenizer.save_pretrained(out)
         if processor is not None:
             processor.save_pretrained(out)
-        write_metadata(out, metadata)
+        write_metadata(out, {**loop_config["metadata"], "training": summary})
         save_file({"logits": engine_logits.contiguous(),
-                   **{k: v.contiguous() for k, v in probe_inputs.items()}}, str(Path(out, EXPORT_CHECK)))
+                   **{k: v.contiguous() for k, v in probe_inputs.items()}}, str(out / EXPORT_CHECK))
         # A restarted group re-exports over its own earlier attempt.
         publish_dir(out, loop_config["model_uri"], overwrite=True)
-    log.info("[train] consolidated model written to %s", loop_config["model_uri"])
+    log.info("[train] model written to %s", loop_config["model_uri"])
+
+
+def gather_adapter(engine: Any, rank: int) -> dict[str, torch.Tensor]:
+    """The LoRA weights under PEFT's saved names, on rank 0 (empty elsewhere). A collective.
+
+    One parameter gathered at a time from its ZeRO-3 partitions: the frozen base is never
+    gathered, and the device holds one whole LoRA matrix at a time, not the whole adapter
+    (r=256 on the 11B is ~2 GB). Below ZeRO-3 the parameters are whole and the gather is a no-op.
+    """
+    import deepspeed
+
+    adapter = {}
+    for name, param in engine.module.named_parameters():
+        if not param.requires_grad:
+            continue
+        with deepspeed.zero.GatheredParameters([param]):
+            if rank == 0:
+                adapter[peft_adapter_name(name)] = param.detach().cpu().clone()
+    return adapter
 
 
 def _mlflow(loop_config: dict[str, Any]) -> Any:
