@@ -15,11 +15,13 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import importlib.util
 import io
 import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -64,6 +66,11 @@ SILENCED_WARNINGS = (
     # A small input makes fewer blocks than a pool has actors; the spare actors idle.
     (UserWarning, r".*The minimum number of concurrent actors for"),
 )
+# Known-harmless log lines of a logger that also says things that matter: (logger, message).
+SILENCED_LOG_LINES = (
+    # DeepSpeed's warmup schedulers ask for their own rate while being built, before step 0.
+    ("DeepSpeed", r"Attempting to get learning rate from scheduler before it has started"),
+)
 # Ray Data's own progress: its non-terminal lines come from this logger at INFO.
 RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress.logging_progress"
 
@@ -86,6 +93,10 @@ def quiet_process() -> None:
         logging.getLogger(name).setLevel(level)
     for category, message in SILENCED_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
+    for name, pattern in SILENCED_LOG_LINES:
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _DropLines) and f.pattern.pattern == pattern for f in target.filters):
+            target.addFilter(_DropLines(pattern))
     for module in FILE_NAMED_LOGGERS:
         logging.getLogger(_module_file(module)).setLevel(logging.WARNING)
     # transformers' and the Hub's download/load/save bars (read when they are imported).
@@ -109,14 +120,38 @@ def quiet_process() -> None:
 
 @contextlib.contextmanager
 def quiet_prints() -> Iterator[None]:
-    """Drop what a library ``print``s inside the block (no logger to turn down): DeepSpeed
-    announces its op builds so, twice per worker per training. ``--verbose`` keeps them;
-    errors are exceptions, which pass through."""
+    """Drop what a library ``print``s to the console inside the block (no logger to turn
+    down): DeepSpeed announces its op builds so, once per worker per training.
+    ``builtins.print`` is swapped, not only ``sys.stdout``: in a Ray Train worker, print
+    is Ray's, which sends the text to the root logger. Prints to a file still go there.
+    ``--verbose`` keeps everything; errors are exceptions, which pass through."""
     if verbose():
         yield
         return
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
+    shown = builtins.print
+
+    def dropped(*objects: Any, sep: str | None = " ", end: str | None = "\n", file: Any = None,
+                flush: bool = False) -> None:
+        if file not in (None, sys.stdout, sys.stderr):
+            shown(*objects, sep=sep, end=end, file=file, flush=flush)
+
+    builtins.print = dropped
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        builtins.print = shown
+
+
+class _DropLines(logging.Filter):
+    """One known line of a logger, dropped; the logger's other lines stay."""
+
+    def __init__(self, pattern: str) -> None:
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.search(record.getMessage())
 
 
 class _RayDataConsole(logging.Filter):

@@ -114,6 +114,30 @@ def test_verbose_brings_everything_back(restore_logging, monkeypatch: pytest.Mon
     assert console.ray_train_log_level() == "WARNING"
 
 
+def test_a_known_harmless_deepspeed_line_is_dropped_and_its_other_warnings_kept(
+        restore_logging, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    monkeypatch.setenv(console.LOG_LEVEL_ENV, "")
+    console.quiet_process()
+    console.quiet_process()  # idempotent
+    ds = logging.getLogger("DeepSpeed")
+    assert sum(isinstance(f, console._DropLines) for f in ds.filters) == len(console.SILENCED_LOG_LINES)
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # DeepSpeed's logger does not propagate
+    ds.addHandler(handler)
+    try:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        # DeepSpeed's own scheduler, built as deepspeed.initialize builds it; too few steps warn.
+        WarmupCosineLR(optimizer, total_num_steps=2, warmup_num_steps=10)
+    finally:
+        ds.removeHandler(handler)
+    assert not [m for m in seen if "before it has started" in m]
+    assert [m for m in seen if "total_num_steps 2 is less than warmup_num_steps 10" in m]
+
+
 def test_deepspeed_op_build_print_is_dropped_unless_verbose(monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     # DeepSpeed's own print, from the op build that every CPU training worker runs.
@@ -131,6 +155,26 @@ def test_deepspeed_op_build_print_is_dropped_unless_verbose(monkeypatch: pytest.
     monkeypatch.setenv(console.LOG_LEVEL_ENV, "")
     with pytest.raises(RuntimeError, match="kept"), console.quiet_prints():
         raise RuntimeError("kept")
+
+
+def test_quiet_prints_also_drops_prints_that_ray_train_sends_to_the_logger(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path) -> None:
+    # A Ray Train worker's print is Ray's own: it logs the text on the root logger.
+    import builtins
+
+    from ray.train.v2._internal.logging.patch_print import redirected_print
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv(console.LOG_LEVEL_ENV, "")
+    monkeypatch.setattr(builtins, "print", redirected_print)
+    from deepspeed.comm.torch import build_shm_op
+
+    with caplog.at_level(logging.INFO), console.quiet_prints():
+        build_shm_op()
+        print("to a file", file=(tmp_path / "kept.txt").open("w"), flush=True)
+    assert builtins.print is redirected_print
+    assert "built successfully" not in caplog.text
+    assert (tmp_path / "kept.txt").read_text() == "to a file\n"
 
 
 def test_summary_lines_show_scalars_short_lists_and_one_level() -> None:

@@ -90,7 +90,8 @@ def test_zero3_orpo_two_workers_shards_learns_and_exports(tmp_path: Path) -> Non
 # Infrastructure lines a user should not see by default (mint_ray.console's rules).
 NOISE = ("Failed to query Ray Train Controller actor state", "reduce_scatter_tensor is deprecated",
          "Checkpoint successfully created", "Reporting training result", "[DeepSpeed]", "DeepSpeed info",
-         "Loading extension module", "INFO worker.py", " INFO ray", "built successfully")
+         "Loading extension module", "INFO worker.py", " INFO ray", "built successfully",
+         "before it has started")
 
 
 def test_multi_node_two_raylets_on_s3(tmp_path: Path, s3_bucket: str) -> None:

@@ -148,7 +148,9 @@ def _load_model(cfg: Config, path: Path, ds_config: dict[str, Any], dtype: torch
 
     keep = HfDeepSpeedConfig(ds_config) if cfg.deepspeed.zero_stage == 3 else None
     try:
-        return students.load_student(path, cfg.model.kind, dtype)
+        # Under ZeRO-3 the load starts DeepSpeed's communication (zero.Init), which prints.
+        with console.quiet_prints():
+            return students.load_student(path, cfg.model.kind, dtype)
     finally:
         # Left registered, a later rank-0-only from_pretrained would enter a collective.
         del keep
