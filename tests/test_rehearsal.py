@@ -1,7 +1,7 @@
 """The production chain, rehearsed on this machine before a first AWS run.
 
 Every ``jobs/recipes/prod_*.yaml``, in chain order (synth -> teacher -> preferences ->
-train -> evaluate -> promote), is submitted with ``ray job submit`` to a local Ray head,
+train -> evaluate -> promote), is submitted with ``ray job submit`` to a local Ray head (and a second node),
 against a Ceph S3 gateway and an MLflow server started here, then the RayService's own
 Serve config is deployed and asked through the name it serves. What is production about it:
 
@@ -38,13 +38,13 @@ import pytest
 import yaml
 
 from tests.conftest import LOCAL, REPO, free_port, plant, repo_copy
-from tests.test_job_submit import RAY, submit
 from tools import iam_policy
 
 # The chain runs in the first test's setup: its time counts there.
 pytestmark = [pytest.mark.slow, pytest.mark.s3, pytest.mark.mlflow_server, pytest.mark.timeout(1800)]
 
 RECIPES = REPO / "jobs" / "recipes"
+RAY = str(REPO / ".venv" / "bin" / "ray")
 LIFETIME_S = 3600
 SMALL_RUN = [  # everything but the URIs and names: a 2-core machine, no GPU, tiny models
     "scaling.num_workers=1", "scaling.use_gpu=false", "scaling.cpus_per_worker=1",
@@ -90,6 +90,22 @@ WAVES: list[list[str]] = [
 BASE_MODELS = {"models/Llama-3.2-3B-Instruct": "causal_lm", "models/Llama-3.2-11B-Vision-Instruct": "mllama"}
 TEACHER_DIR = "models/plip"
 _ENTRY = re.compile(r"python (jobs/\w+\.py) --config jobs/recipes/(\S+)")
+
+
+def submit(address: str, *entrypoint: str, timeout: float = 600, cwd: Path = REPO) -> tuple[str, str]:
+    """`ray job submit` exactly as a user runs it from the checkout ``cwd``; returns (final status, logs)."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    out = subprocess.run([RAY, "job", "submit", "--address", address, "--no-wait", "--working-dir", ".",
+                          "--runtime-env", "cluster/runtime_env.yaml", "--", *entrypoint],
+                         cwd=cwd, check=True, capture_output=True, text=True, timeout=120).stdout
+    job_id = next(w.strip("'") for w in out.split() if w.strip("'").startswith("raysubmit_"))
+    client = JobSubmissionClient(address)
+    deadline = time.time() + timeout
+    while client.get_job_status(job_id) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        assert time.time() < deadline, f"job {job_id} still running after {timeout}s"
+        time.sleep(2)
+    return str(client.get_job_status(job_id).value), client.get_job_logs(job_id)
 
 
 def entrypoint(recipe: str, overrides: list[str]) -> list[str]:
@@ -264,11 +280,21 @@ def rehearsal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rehearsal]:
         subprocess.run([str(LOCAL / "ray_head.sh"), "start", str(ray_state), str(gcs), str(dashboard), "4",
                         str(LIFETIME_S)], env=node_env, check=True, timeout=300)
         stops.append([str(LOCAL / "ray_head.sh"), "stop", str(ray_state)])
+        # A second node, as a cluster has: job drivers, actors and workers land on either.
+        subprocess.run([str(LOCAL / "ray_head.sh"), "add-node", str(ray_state), "w1", str(gcs), "1",
+                        str(LIFETIME_S)], env=node_env, check=True, timeout=120)
         r.address = f"http://127.0.0.1:{dashboard}"
         yield r
     finally:
         for command in reversed(stops):
             subprocess.run(command, check=False, timeout=180)
+
+
+def test_a_broken_recipe_fails_its_job_with_the_config_error(rehearsal: Rehearsal) -> None:
+    status, logs = submit(rehearsal.address, "python", "jobs/train_student.py", "--config",
+                          "jobs/recipes/prod_text_orpo.yaml", "--set", "optim.lrr=0.1", timeout=180)
+    assert status == "FAILED"
+    assert "unknown key 'optim.lrr'; allowed here:" in logs
 
 
 # ---------------------------------------------------------------- the chain

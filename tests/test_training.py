@@ -155,14 +155,14 @@ def test_killed_worker_resumes_from_latest_checkpoint(tmp_path: Path) -> None:
     assert 0 < training["resumed_from_step"] < 80
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_resume_on_request_from_an_earlier_run(tmp_path: Path, zero_stage: int) -> None:
+def test_resume_on_request_from_an_earlier_run(tmp_path: Path) -> None:
     """A LoRA run's checkpoint holds what trains (adapter, its optimizer state), not the
     frozen base; resuming from it continues the step count, and the export matches the
-    engine. ZeRO-2 is the prod text recipe's stage, ZeRO-3 the vision recipe's."""
+    engine. ZeRO-2, the prod text recipe's stage; a ZeRO-3 checkpoint (the vision recipe's)
+    is resumed by the killed-worker test above."""
     write_text_prefs(str(tmp_path / "prefs"), 16)
     # ~3% of the tiny model trains
-    lora = ["model.lora.target_modules=[q_proj,v_proj]", f"deepspeed.zero_stage={zero_stage}"]
+    lora = ["model.lora.target_modules=[q_proj,v_proj]", "deepspeed.zero_stage=2"]
     first = train_stage.run(_config(tmp_path, str(tmp_path / "prefs"), "optim.max_steps=2",
                                     "tracking.enabled=false", *lora))
     weights = load_file(str(Path(first["model_uri"], "model.safetensors")))
@@ -209,16 +209,6 @@ def test_zero3_orpo_with_chunked_logits_and_lora_on_lm_head(tmp_path: Path) -> N
         assert (peft_model(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max() < 1e-4
 
 
-def test_full_fine_tuning_exports_the_consolidated_weights(tmp_path: Path) -> None:
-    """Without LoRA the ZeRO-3 consolidated weights are saved as they are (no adapter, no merge)."""
-    write_text_prefs(str(tmp_path / "prefs"), 8)
-    cfg = _config(tmp_path, str(tmp_path / "prefs"), "model.lora.enabled=false", "optim.max_steps=2",
-                  "tracking.enabled=false")
-    summary = train_stage.run(cfg)
-    assert "adapter_uri" not in summary["training"] and not (tmp_path / "student" / "adapter").exists()
-    assert _reload_matches_engine(summary["model_uri"], "causal_lm") < 1e-4
-
-
 def test_the_driver_fetches_only_the_metadata_of_an_s3_model(tmp_path: Path, s3_bucket: str) -> None:
     """After training the driver reads the summary (and registers the model) from the metadata
     file alone: the weights stay in the store."""
@@ -230,12 +220,19 @@ def test_the_driver_fetches_only_the_metadata_of_an_s3_model(tmp_path: Path, s3_
     assert read_metadata(local) == read_metadata(folder)
 
 
-@pytest.mark.parametrize("objective", ["dpo", "sft", "simpo"])
-def test_other_objectives_run(tmp_path: Path, objective: str) -> None:
+@pytest.mark.parametrize(("objective", "zero_stage", "lora"), [("dpo", 2, True), ("simpo", 3, False)])
+def test_other_objectives_run(tmp_path: Path, objective: str, zero_stage: int, lora: bool) -> None:
+    """DPO and SimPO train (SFT: the ground-truth test below). SimPO runs as full fine-tuning:
+    the ZeRO-3 consolidated weights are saved as they are (no adapter, no merge)."""
     write_text_prefs(str(tmp_path / "prefs"), 8)
     cfg = _config(tmp_path, str(tmp_path / "prefs"), f"objective={objective}", "optim.max_steps=2",
-                  "deepspeed.zero_stage=2", "tracking.enabled=false")
-    assert train_stage.run(cfg)["training"]["steps"] == 2
+                  f"deepspeed.zero_stage={zero_stage}", f"model.lora.enabled={str(lora).lower()}",
+                  "tracking.enabled=false")
+    summary = train_stage.run(cfg)
+    assert summary["training"]["steps"] == 2
+    assert ("adapter_uri" in summary["training"]) == lora
+    assert (tmp_path / "student" / "adapter").exists() == lora
+    assert _reload_matches_engine(summary["model_uri"], "causal_lm") < 1e-4
 
 
 @pytest.mark.parametrize(("overrides", "needle"), [
