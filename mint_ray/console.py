@@ -73,6 +73,7 @@ SILENCED_LOG_LINES = (
 )
 # Ray Data's own progress: its non-terminal lines come from this logger at INFO.
 RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress.logging_progress"
+RAY_DATA_PROGRESS_LINE = "Total Progress"
 
 ProgressMode = Literal["bar", "lines"]
 
@@ -155,10 +156,13 @@ class _DropLines(logging.Filter):
 
 
 class _RayDataConsole(logging.Filter):
-    """Ray Data on the console: its progress lines, warnings and errors, not its INFO notes."""
+    """Ray Data on the console: its warnings and errors, and of its 4-line progress block
+    (a header, the total, the resources, a rule) the total alone; not its INFO notes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or record.name == RAY_DATA_PROGRESS_LOGGER
+        if record.levelno >= logging.WARNING:
+            return True
+        return record.name == RAY_DATA_PROGRESS_LOGGER and record.getMessage().startswith(RAY_DATA_PROGRESS_LINE)
 
 
 def _module_file(module: str) -> str:
