@@ -1,7 +1,7 @@
 """The production chain, rehearsed on this machine before a first AWS run.
 
 Every ``jobs/recipes/prod_*.yaml``, in chain order (synth -> teacher -> preferences ->
-train -> evaluate -> promote), is submitted with ``ray job submit`` to a local Ray head (and a second node),
+train -> evaluate -> promote), is submitted with ``ray job submit`` to a local Ray head,
 against a Ceph S3 gateway and an MLflow server started here, then the RayService's own
 Serve config is deployed and asked through the name it serves. What is production about it:
 
@@ -280,9 +280,6 @@ def rehearsal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rehearsal]:
         subprocess.run([str(LOCAL / "ray_head.sh"), "start", str(ray_state), str(gcs), str(dashboard), "4",
                         str(LIFETIME_S)], env=node_env, check=True, timeout=300)
         stops.append([str(LOCAL / "ray_head.sh"), "stop", str(ray_state)])
-        # A second node, as a cluster has: job drivers, actors and workers land on either.
-        subprocess.run([str(LOCAL / "ray_head.sh"), "add-node", str(ray_state), "w1", str(gcs), "1",
-                        str(LIFETIME_S)], env=node_env, check=True, timeout=120)
         r.address = f"http://127.0.0.1:{dashboard}"
         yield r
     finally:
