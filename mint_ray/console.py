@@ -35,6 +35,7 @@ MLFLOW_LEVEL_ENV = "MLFLOW_LOGGING_LEVEL"
 # is a pipe to the driver, so they cannot tell by themselves).
 PROGRESS_ENV = "MINT_RAY_PROGRESS"
 SETUP_HOOK = "mint_ray.console.quiet_process"
+RAY_TRAIN_PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_DATEFMT = "%H:%M:%S"
 # Ray Data's progress line when stdout is not a terminal (its default is every 10 s).
@@ -180,6 +181,10 @@ def setup(verbose_flag: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose() else logging.INFO, format=LOG_FORMAT,
                         datefmt=LOG_DATEFMT)
     os.environ.setdefault(PROGRESS_ENV, "bar" if sys.stdout.isatty() else "lines")
+    if progress_mode() == "bar":
+        # Ray Train sends a worker's prints to its logger, which adds a line to each of
+        # Ray's bar updates (an empty line a second). Ray Train passes this to its workers.
+        os.environ.setdefault(RAY_TRAIN_PRINT_PATCH_ENV, "0")
     os.environ.setdefault(MLFLOW_LEVEL_ENV, "DEBUG" if verbose() else "WARNING")
     os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", RAY_DATA_LOG_INTERVAL_S)
     quiet_process()

@@ -7,6 +7,10 @@ A whole stage's captured output is checked in tests/test_training.py
 from __future__ import annotations
 
 import logging
+import os
+import re
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -187,3 +191,45 @@ def test_summary_lines_show_scalars_short_lists_and_one_level() -> None:
         "node_ids": ["a", "b"], "rows": list(range(100)), "nested": {"deep": {"x": 1}}, "none": None})
     assert lines == ["  model_uri: s3://b/student/model", "  steps: 240", "  registered: name=m, version=3",
                      "  node_ids: a, b", "  none: None"]
+
+
+BAR_RUN = """
+import logging
+import time
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from mint_ray import console
+
+console.setup()
+
+
+def loop(_):
+    progress = console.Progress("[train] sft", 40, logger=logging.getLogger("mint_ray.test"))
+    for _ in range(40):
+        time.sleep(0.05)
+        progress.update(1, loss=0.5)
+    progress.close()
+
+
+ray.init(num_cpus=1, logging_level=console.ray_log_level(),
+         runtime_env={"worker_process_setup_hook": console.SETUP_HOOK})
+TorchTrainer(loop, scaling_config=ray.train.ScalingConfig(num_workers=1),
+             run_config=ray.train.RunConfig(storage_path=%r)).fit()
+"""
+
+
+def test_a_bar_in_a_ray_train_worker_adds_no_lines_to_the_console(tmp_path) -> None:
+    """In a terminal the workers' bars are drawn by Ray's driver; no empty worker line comes
+    with each update (Ray Train's print patch added one a second)."""
+    env = {**os.environ, console.PROGRESS_ENV: "bar", "RAY_AUTH_MODE": "disabled"}
+    env.pop(console.RAY_TRAIN_PRINT_PATCH_ENV, None)  # console.setup decides
+    out = subprocess.run([sys.executable, "-c", BAR_RUN % str(tmp_path)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    console_text = out.stdout + out.stderr
+    assert "[train] sft" in console_text  # the bar, drawn by the driver
+    empty = [line for line in console_text.splitlines() if re.fullmatch(r".*\(RayTrainWorker pid=\d+\)\S*\s*", line)]
+    assert empty == [], empty[:3]
