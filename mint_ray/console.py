@@ -200,6 +200,12 @@ def ray_train_log_level() -> str:
     return "DEBUG" if verbose() else "WARNING"
 
 
+def serve_log_level() -> str:
+    """Ray Serve's level where a run serves a few requests and reports them itself (the demo):
+    its start-up, replica and access lines stay in its log files."""
+    return "DEBUG" if verbose() else "WARNING"
+
+
 def progress_mode() -> ProgressMode:
     return "bar" if os.environ.get(PROGRESS_ENV) == "bar" else "lines"
 

@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from mint_ray import console
 from mint_ray.config import RayConfig
 from mint_ray.errors import MintError
 from mint_ray.serving.config import HttpConfig, ServeConfig
@@ -48,5 +49,5 @@ def serve_and_ask(models: dict[str, str], cases: dict[str, dict[str, Any]], *, h
     http = http or HttpConfig()
     apps = {f"mint-{task}": (ServeConfig(model_uri=uri, task=task, tracking_uri=tracking_uri), f"/{task}")
             for task, uri in models.items()}
-    base = deploy(apps, http, ray_cfg)
+    base = deploy(apps, http, ray_cfg, log_level=console.serve_log_level())
     return {task: ask(f"{base}/{task}", task, **cases[task]) for task in models}

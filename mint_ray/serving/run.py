@@ -62,9 +62,11 @@ def preflight(cfg: ServeConfig) -> None:
     read_api_key(cfg)
 
 
-def deploy(apps: dict[str, tuple[ServeConfig, str]], http: HttpConfig, ray_cfg: RayConfig | None = None) -> str:
+def deploy(apps: dict[str, tuple[ServeConfig, str]], http: HttpConfig, ray_cfg: RayConfig | None = None,
+           log_level: str = "INFO") -> str:
     """Start Serve (once per cluster) and run ``apps`` (name -> (config, route prefix));
-    returns the base URL. Each call waits until its applications are RUNNING."""
+    returns the base URL. Each call waits until its applications are RUNNING. ``log_level``:
+    Serve's own lines and the access log (INFO for a server; a demo's few requests: WARNING)."""
     from mint_ray.ray_cluster import init_ray
 
     for cfg, _ in apps.values():
@@ -73,9 +75,10 @@ def deploy(apps: dict[str, tuple[ServeConfig, str]], http: HttpConfig, ray_cfg: 
     # has the environment its nodes started with).
     os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
     init_ray(ray_cfg or RayConfig())
-    serve.start(http_options={"host": http.host, "port": http.port})
+    logging_config = {"log_level": log_level}
+    serve.start(http_options={"host": http.host, "port": http.port}, logging_config=logging_config)
     # One call: the applications' replicas start (download, load) side by side.
-    serve.run_many([serve.RunTarget(build_app(cfg), name=name, route_prefix=prefix)
+    serve.run_many([serve.RunTarget(build_app(cfg), name=name, route_prefix=prefix, logging_config=logging_config)
                     for name, (cfg, prefix) in apps.items()])
     host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
     return f"http://{host}:{http.port}"
