@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from mint_ray import storage, tracking
+from mint_ray import console, storage, tracking
 from mint_ray.config import StorageConfig, StrictModel, TrackingConfig
 from mint_ray.data import SAMPLES_SCHEMA, Generator, images, splits
 from mint_ray.data.rare_disease import NoteStyle, RareDiseaseOptions
@@ -212,7 +212,7 @@ def write_cases(cfg: Config, generator: Generator, folder: ImageFolder, clock: _
     """Render every case and upload its image; returns the table rows in case order."""
     n = len(labels)
     rows: list[dict[str, Any]] = []
-    report_every = max(1, n // 4)
+    progress = console.Progress(f"data synth {cfg.task}: rendered", n, logger=log, every_n=max(1, n // 4))
     pending: deque[tuple[dict[str, Any], Future[str]]] = deque()
     with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
         for i, (sample_id, label, split) in enumerate(
@@ -225,10 +225,10 @@ def write_cases(cfg: Config, generator: Generator, folder: ImageFolder, clock: _
             while len(pending) > MAX_PENDING:
                 row, upload = pending.popleft()
                 row["image_uri"] = upload.result()
-            if (i + 1) % report_every == 0 or i + 1 == n:
-                clock.phase(f"rendered {i + 1}/{n} cases")
+            progress.update(1)
         for row, upload in pending:
             row["image_uri"] = upload.result()
+    progress.close()
     return rows
 
 

@@ -361,6 +361,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     k = config["top_k"]
     history: list[dict[str, float]] = []
     started = time.time()
+    progress = console.Progress(f"[teacher {teacher.name}] epoch", cfg.epochs, logger=log,
+                                every_n=console.every_n_for(cfg.epochs)) if rank == 0 else None
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         order = torch.randperm(per_rank, generator=generator)
@@ -380,9 +382,8 @@ def _train_loop(config: dict[str, Any]) -> None:
                            eval_topk=top_k_accuracy(scores, held_truth, k),
                            elapsed_s=time.time() - started)
             history.append(metrics)
-            log.info("[teacher %s] epoch %d/%d loss %.4f %s top1 %.3f top%d %.3f elapsed %.1fs",
-                     teacher.name, epoch, cfg.epochs, metrics["train_loss"], cfg.eval_split,
-                     metrics["eval_top1"], k, metrics["eval_topk"], metrics["elapsed_s"])
+            progress.update(epoch - progress.done, loss=metrics["train_loss"],
+                            **{f"{cfg.eval_split} top1": metrics["eval_top1"], f"top{k}": metrics["eval_topk"]})
             if epoch == cfg.epochs:
                 train_seconds = time.time() - started
                 ceiling = config["text_ceiling"]
@@ -396,6 +397,8 @@ def _train_loop(config: dict[str, Any]) -> None:
                                           "train_seconds": train_seconds,
                                           "history": history, "knowledge": knowledge},
                                  extra_files={TEXT_CEILING_FILE: ceiling["predictions"]} if ceiling else None)
+    if progress is not None:
+        progress.close()
     # Once, at the end, on every rank: a report waits for the controller's next
     # poll (~2 s), so one per epoch would dominate a small run. The per-epoch
     # history travels in the saved teacher's spec instead.

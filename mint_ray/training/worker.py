@@ -247,7 +247,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                        for p in engine.module.parameters())
     mlflow_client = _mlflow(loop_config) if rank == 0 else None
     if rank == 0:
-        log.info("[train] %s", stats.summary())
+        # All rows used whole: nothing to say (the counts go to MLflow below).
+        log.log(logging.INFO if stats.truncated_rows or stats.dropped else logging.DEBUG, "[train] %s",
+                stats.summary())
         log.info("[train] %d workers, %d steps/epoch, %d steps, ZeRO-%d, objective %s, packed %s", world,
                  steps_per_epoch, total_steps, cfg.deepspeed.zero_stage, cfg.objective, cfg.loss.packed)
         _log(mlflow_client, loop_config, {f"data.{k}": v for k, v in stats.as_metrics().items()}, 0)
@@ -399,7 +401,7 @@ def export_model(engine: Any, cfg: Config, base_dir: Path, tokenizer: Any, proce
                    **{k: v.contiguous() for k, v in probe_inputs.items()}}, str(out / EXPORT_CHECK))
         # A restarted group re-exports over its own earlier attempt.
         publish_dir(out, loop_config["model_uri"], overwrite=True)
-    log.info("[train] model written to %s", loop_config["model_uri"])
+    log.debug("[train] model written to %s", loop_config["model_uri"])  # the driver says where
 
 
 def gather_adapter(engine: Any, rank: int) -> dict[str, torch.Tensor]:
