@@ -85,6 +85,7 @@ def verbose() -> bool:
 
 def quiet_process() -> None:
     """Apply the logging rules in this process (the driver, or a Ray worker at start-up)."""
+    _pin_cluster_address()
     if verbose():
         logging.getLogger().setLevel(logging.DEBUG)
         return
@@ -143,6 +144,16 @@ def quiet_prints() -> Iterator[None]:
             yield
     finally:
         builtins.print = shown
+
+
+def _pin_cluster_address() -> None:
+    """A Ray worker's own cluster as ``RAY_ADDRESS``. Ray code that looks its cluster up
+    by itself (Ray Train's placement-group cleaner) fails with a traceback, and stops
+    cleaning, when another local cluster runs on the machine (two runs at once)."""
+    if _in_ray_worker():
+        import ray
+
+        os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
 class _DropLines(logging.Filter):

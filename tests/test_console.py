@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -233,3 +234,46 @@ def test_a_bar_in_a_ray_train_worker_adds_no_lines_to_the_console(tmp_path) -> N
     assert "[train] sft" in console_text  # the bar, drawn by the driver
     empty = [line for line in console_text.splitlines() if re.fullmatch(r".*\(RayTrainWorker pid=\d+\)\S*\s*", line)]
     assert empty == [], empty[:3]
+
+
+def test_a_worker_knows_its_own_cluster_when_another_runs_beside_it(tmp_path) -> None:
+    """Two local clusters on one machine: Ray Train's placement-group cleaner looks its
+    cluster up without an address, which fails (a traceback per training) unless the
+    worker's environment names it."""
+    other = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--port=0",
+                              "--num-cpus=0", "--block", f"--temp-dir={tmp_path}"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    try:
+        out = subprocess.run([sys.executable, "-c", PIN_RUN], env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "same cluster" in out.stdout, out.stdout[-2000:]
+    finally:
+        other.terminate()
+        other.wait(60)
+
+
+PIN_RUN = """
+import time
+
+import ray
+from ray._private.services import canonicalize_bootstrap_address_or_die, find_gcs_addresses
+
+from mint_ray import console
+
+ray.init(num_cpus=1, runtime_env={"worker_process_setup_hook": console.SETUP_HOOK})
+
+
+@ray.remote
+def lookup():
+    return canonicalize_bootstrap_address_or_die(None)  # as the cleaner does
+
+
+for _ in range(60):  # until the other cluster's GCS is up: then the lookup is ambiguous
+    if len(find_gcs_addresses()) > 1:
+        break
+    time.sleep(1)
+assert ray.get(lookup.remote()) == ray.get_runtime_context().gcs_address
+print("same cluster")
+"""
