@@ -5,6 +5,7 @@ tested directly in ``test_serving_requests.py``."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -372,13 +373,23 @@ def test_mint_ray_serve_stops_only_its_own_app_and_drains_on_sigterm(served: Ser
         assert httpx.get(f"{url}/readyz", timeout=30).status_code == 200
         answer: dict[str, Any] = {}
 
-        def ask_slowly() -> None:  # 400 new tokens: long enough to be in flight at the signal
-            resp = httpx.post(f"{url}/v1/predict", json={"task": "rare_disease", "note": NOTE}, timeout=180)
+        body = json.dumps({"task": "rare_disease", "note": NOTE}).encode()
+
+        def body_in_two_parts() -> Iterator[bytes]:
+            # In flight at the signal however fast generation is: the body's second half comes
+            # 1.5 s after the first (within the guard's 2 s grace), the signal at 0.8 s.
+            yield body[:10]
+            time.sleep(1.5)
+            yield body[10:]
+
+        def ask_slowly() -> None:
+            resp = httpx.post(f"{url}/v1/predict", content=body_in_two_parts(),
+                              headers={"Content-Type": "application/json"}, timeout=180)
             answer.update(status=resp.status_code, ended=time.monotonic())
 
         asker = threading.Thread(target=ask_slowly)
         asker.start()
-        time.sleep(1.0)
+        time.sleep(0.8)
         signalled = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         asker.join(240)
