@@ -260,9 +260,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     def micro_batches() -> Iterator[PreferenceBatch]:
         """Every micro-batch of the run in order, on the host (pinned for a GPU), images included."""
+        shard, shard_epoch = [], -1
         for step in range(start_step, total_steps):
             epoch, index = divmod(step, steps_per_epoch)
-            shard = shard_for_rank(pairs, rank, world, cfg.optim.seed, epoch)
+            if epoch != shard_epoch:  # one shuffle per epoch, not one per step
+                shard, shard_epoch = shard_for_rank(pairs, rank, world, cfg.optim.seed, epoch), epoch
             for a in range(accum):
                 first = (index * accum + a) * micro
                 chunk = shard[first:first + micro]
