@@ -426,6 +426,11 @@ def test_compare_trains_the_arms_and_writes_one_report(tmp_path: Path) -> None:
     printed = "\n".join(compare.summarize(summary))  # what `mint-ray compare` closes with
     table = printed[printed.index("| arm |"):]
     assert all(f"| {arm} | 4 |" in table for arm in arms) and "Training (budget 1" in printed
+    # The printed text has every paired row and how to read them; the demo's headline table
+    # only the rows against the first reference (SFT), without the explanation.
+    assert "| sft | base |" in printed and "| orpo | sft |" in printed and "McNemar's exact" in printed
+    assert "| orpo | sft |" in summary["paired_table"] and "| orpo | base |" not in summary["paired_table"]
+    assert "McNemar's exact" not in summary["paired_table"]
     # DPO after SFT takes a budget of its own on top: its 2 steps are marked against the budget of 1.
     steps = {arm: (summary["arms"][arm]["steps"], summary["arms"][arm]["budget"]) for arm in arms}
     assert steps == {"base": (0, "n/a"), "sft": (1, "equal"), "orpo": (1, "equal"), "teacher": (None, "n/a"),

@@ -293,7 +293,7 @@ def test_paired_differences_hand_computed():
     section = md[md.index("## Paired differences"):md.index("## Training")]
     assert "| orpo | sft | 4 | +0.500 [" in section and "| 2 / 0 | 0.5 | no |" in section
     assert "| sft | base | 4 | +0.000 [+0.000, +0.000] |" in section
-    assert section.index("| orpo | sft |") < section.index("| orpo | base |")
+    assert section.index("| orpo | sft |") < section.index("| orpo | base |") and "95% paired bootstrap" in section
     saved = json.loads(report.files["paired_differences.json"])
     assert saved[0] == json.loads(json.dumps(orpo_sft.as_dict()))
     assert (saved[0]["top1_diff"], saved[0]["top1_mcnemar_p"], saved[0]["top1_significant"]) == (0.5, 0.5, False)

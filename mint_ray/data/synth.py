@@ -149,7 +149,8 @@ def make_generator(cfg: Config) -> Generator:
 
 
 class _Clock:
-    """One log line per phase with the time since the stage started."""
+    """One log line per phase with the time since the stage started: the intermediate
+    phases at DEBUG (``--verbose``), the commit at INFO."""
 
     def __init__(self, task: str) -> None:
         self.task = task
@@ -159,8 +160,8 @@ class _Clock:
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
-    def phase(self, what: str) -> None:
-        log.info("data synth %s: %s (%.1fs)", self.task, what, self.elapsed)
+    def phase(self, what: str, level: int = logging.DEBUG) -> None:
+        log.log(level, "data synth %s: %s (%.1fs)", self.task, what, self.elapsed)
 
 
 def plan_cases(n_labels: int, totals: list[int], seed: int) -> tuple[list[int], list[str]]:
@@ -250,7 +251,7 @@ def _generate(cfg: Config, uri: str, version: str, folder: ImageFolder,
             "split_counts": counts, "labels": [label.to_dict() for label in catalog],
             **generator.describe()}
     manifest = storage.commit(uri, version, meta=meta)
-    clock.phase(f"committed {uri} ({manifest.num_rows} rows)")
+    clock.phase(f"committed {uri} ({manifest.num_rows} rows)", logging.INFO)
     return manifest, counts
 
 

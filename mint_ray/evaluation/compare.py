@@ -88,6 +88,7 @@ from mint_ray.evaluation.report import (
     budget_marks,
     confounds_markdown,
     metrics_markdown,
+    paired_explanation,
     paired_markdown,
     render_report,
     to_markdown,
@@ -589,9 +590,12 @@ def run(cfg: Config) -> dict[str, Any]:
                         summaries[arm.name], evaluation_context(test, cfg.generation, retrieval, arm=arm.name,
                                                                 run_id=run_.run_id, model_uri=model.uri)))
     table = metrics_markdown(report.summaries)
-    paired_table = paired_markdown(report.paired, cfg.bootstrap_resamples) if report.paired else ""
+    # The closing summaries show the rows against the first reference (SFT where it trained);
+    # the report has them all.
+    headline_paired = [p for p in report.paired if p.reference == report.paired[0].reference]
     text = (f"Comparison on {cfg.split} ({len(test.cases)} cases), report at {report_uri}:\n{table}\n"
-            + (f"Paired differences:\n{paired_table}\n" if paired_table else "")
+            + (f"Paired differences:\n{paired_explanation(report.paired[0].alpha, cfg.bootstrap_resamples)}"
+               f"\n\n{paired_markdown(report.paired)}\n" if report.paired else "")
             + (f"CONFOUNDS:\n{confounds_markdown(confounds)}\n" if confounds else "")
             + f"Training (budget {cfg.budget_steps or 'none'}; varied: "
             f"{', '.join(cfg.varied_settings) or 'nothing'}):\n"
@@ -605,7 +609,8 @@ def run(cfg: Config) -> dict[str, Any]:
                               "nll_over": trainings[a.name].nll_over, **summaries[a.name]} for a in arms},
             "paired_differences": paired, "varied": cfg.varied_settings,
             "confounds": [dataclasses.asdict(c) for c in confounds],
-            "table": table, "paired_table": paired_table, "text": text, "mlflow_run_id": run_.run_id,
+            "table": table, "paired_table": paired_markdown(headline_paired), "text": text,
+            "mlflow_run_id": run_.run_id,
             "seconds": round(time.time() - t0, 1)}
 
 

@@ -368,12 +368,20 @@ def _signed(value: float, digits: int) -> str:
     return f"{value:+.{digits}f}"
 
 
-def paired_markdown(paired: Sequence[PairedComparison], n_resamples: int, digits: int = 3) -> str:
-    """The paired-differences section: how to read it, then one row per (arm, reference)."""
+def paired_explanation(alpha: float, n_resamples: int) -> str:
+    """How to read the paired-differences table."""
+    return (f"Each arm minus the reference arm on the same cases (matched by case id): the mean "
+            f"difference with its {100 * (1 - alpha):g}% paired bootstrap interval ({n_resamples} resamples; "
+            f"each draws the case indices once for both arms), `*` where the interval excludes 0. Top-1 is "
+            f"also tested with McNemar's exact two-sided test: `only arm / only ref` counts the cases only "
+            f"one of the two got right; significant when p < {alpha:g}.")
+
+
+def paired_markdown(paired: Sequence[PairedComparison], digits: int = 3) -> str:
+    """The paired-differences table: one row per (arm, reference)."""
     if not paired:
         return ""
     names = list(paired[0].differences)
-    level = f"{100 * (1 - paired[0].alpha):g}%"
 
     def cell(est: Estimate) -> str:
         excludes_zero = est.low > 0 or est.high < 0
@@ -383,13 +391,8 @@ def paired_markdown(paired: Sequence[PairedComparison], n_resamples: int, digits
     rows = ([p.arm, p.reference, str(p.n), *(cell(p.differences[n]) for n in names),
              f"{p.top1.only_a} / {p.top1.only_b}", f"{p.top1.p_value:.3g}",
              "**yes**" if p.significant else "no"] for p in paired)
-    return (f"Each arm minus the reference arm on the same cases (matched by case id): the mean "
-            f"difference with its {level} paired bootstrap interval ({n_resamples} resamples; each draws "
-            f"the case indices once for both arms), `*` where the interval excludes 0. Top-1 is also "
-            f"tested with McNemar's exact two-sided test: `only arm / only ref` counts the cases only "
-            f"one of the two got right; significant when p < {paired[0].alpha:g}.\n\n"
-            + _markdown(["arm", "vs", "n", *(f"{n} diff" for n in names), "top1 only arm / only ref",
-                         "McNemar p", "top1 significant"], rows))
+    return _markdown(["arm", "vs", "n", *(f"{n} diff" for n in names), "top1 only arm / only ref",
+                      "McNemar p", "top1 significant"], rows)
 
 
 @dataclass(frozen=True)
@@ -541,7 +544,8 @@ def render_report(task: Task, records: Iterable[Mapping[str, Any]], *, title: st
         + _sample_set_note(scored)
         + (f"## Confounds\n\n{confounds_markdown(confounds)}\n" if confounds else "")
         + "## Metrics\n\n" + metrics_markdown(summaries)
-        + (f"\n## Paired differences\n\n{paired_markdown(paired, n_resamples)}" if paired else "")
+        + (f"\n## Paired differences\n\n{paired_explanation(alpha, n_resamples)}\n\n{paired_markdown(paired)}"
+           if paired else "")
         + "\n![metrics by arm](accuracy.png)\n\n"
         + (f"## Training\n\n{varied_text}{training_markdown(training, budget_steps)}\n" if training else "")
         + "## Per label\n\n" + to_markdown(per_label)

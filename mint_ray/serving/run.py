@@ -15,6 +15,7 @@ exits 0. A second signal during that drain stops the command at once.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -76,6 +77,8 @@ def deploy(apps: dict[str, tuple[ServeConfig, str]], http: HttpConfig, ray_cfg: 
     os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
     init_ray(ray_cfg or RayConfig())
     logging_config = {"log_level": log_level}
+    # This process's own Serve lines ("Started Serve", "... is ready at") too.
+    logging.getLogger("ray.serve").setLevel(log_level)
     serve.start(http_options={"host": http.host, "port": http.port}, logging_config=logging_config)
     # One call: the applications' replicas start (download, load) side by side.
     serve.run_many([serve.RunTarget(build_app(cfg), name=name, route_prefix=prefix, logging_config=logging_config)
