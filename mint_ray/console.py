@@ -72,6 +72,12 @@ SILENCED_LOG_LINES = (
     # DeepSpeed's warmup schedulers ask for their own rate while being built, before step 0.
     ("DeepSpeed", r"Attempting to get learning rate from scheduler before it has started"),
 )
+# Known-harmless lines that Ray's workers print (their C++ core worker, at its error level,
+# so no logger level reaches them), dropped where the driver shows the workers' output:
+# Ray Train's own PreemptionWatcher actor, once per training (ray-project/ray#53727).
+SILENCED_WORKER_LINES = ("has constructor arguments in the object store and max_restarts > 0",)
+# Ray's driver-side handler of the workers' output (ray._private.worker; no public hook).
+RAY_WORKER_OUTPUT_HANDLER = "ray_print_logs"
 # Ray Data's own progress: its non-terminal lines come from this logger at INFO.
 RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress.logging_progress"
 RAY_DATA_PROGRESS_LINE = "Total Progress"
@@ -105,6 +111,7 @@ def quiet_process() -> None:
     # transformers' and the Hub's download/load/save bars (read when they are imported).
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.getLogger(RAY_DATA_PROGRESS_LOGGER).setLevel(logging.INFO)
+    _filter_worker_output()
     if "ray.data" in sys.modules:
         from ray._private.log import PlainRayHandler
 
@@ -154,6 +161,32 @@ def _pin_cluster_address() -> None:
         import ray
 
         os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+
+
+def _filter_worker_output() -> None:
+    """In a driver connected to Ray: drop ``SILENCED_WORKER_LINES`` from the workers' output
+    it prints (once; the workers' log files keep them)."""
+    if "ray" not in sys.modules or _in_ray_worker():
+        return
+    from ray._private import worker as ray_worker
+
+    dispatcher = ray_worker.global_worker_stdstream_dispatcher
+    for name, handler in list(dispatcher.handlers):
+        if name == RAY_WORKER_OUTPUT_HANDLER and not isinstance(handler, _WithoutSilencedLines):
+            dispatcher.remove_handler(name)
+            dispatcher.add_handler(name, _WithoutSilencedLines(handler))
+
+
+class _WithoutSilencedLines:
+    """Ray's handler of a batch of worker output lines, without ``SILENCED_WORKER_LINES``."""
+
+    def __init__(self, handler: Any) -> None:
+        self.handler = handler
+
+    def __call__(self, data: dict[str, Any]) -> None:
+        lines = [line for line in data.get("lines", ()) if not any(s in line for s in SILENCED_WORKER_LINES)]
+        if lines:
+            self.handler({**data, "lines": lines})
 
 
 class _DropLines(logging.Filter):

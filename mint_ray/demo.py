@@ -138,7 +138,8 @@ def run(cfg: Config) -> dict[str, Any]:
         t0 = time.time()
         decision = _promote_best(task, comparison, root)
         timings.append((f"{task} promote", time.time() - t0))
-        tasks[task] = {"table": comparison.get("table", ""), "paired_table": comparison.get("paired_table", ""),
+        tasks[task] = {"table": comparison.get("headline_table", ""),
+                       "paired_table": comparison.get("paired_table", ""),
                        "report_uri": comparison.get("report_uri"), "files": comparison.get("files", []),
                        "promotion": decision}
         # Serve whichever version holds the alias now (this run's, or an earlier champion).
@@ -166,12 +167,22 @@ def _request_text(body: dict[str, Any]) -> str:
     return f"an image of {len(body['image'])} bytes"
 
 
+def _answer_text(answer: dict[str, Any], shown: int = 3) -> str:
+    """A served answer in one line: its first labels and the latency (or the error as sent)."""
+    labels = answer.get("labels")
+    if not isinstance(labels, list):
+        return str(answer)
+    ranked = "; ".join(f"{item.get('rank')}. {item.get('label')}" for item in labels[:shown])
+    more = f" (+{len(labels) - shown} more)" if len(labels) > shown else ""
+    return f"{ranked}{more} in {answer.get('latency_ms', 0):.0f} ms"
+
+
 def _promotion_text(decision: dict[str, Any]) -> str:
     if "arm" not in decision:
         return f"nothing promoted: {decision.get('reason')}"
-    verb = "promoted to @champion" if decision.get("promoted") else "not promoted"
-    return (f"arm {decision['arm']} (best top-1 of the trained arms; {decision['name']} v{decision['version']}) "
-            f"{verb}: {decision.get('reason')}")
+    verb = "promoted" if decision.get("promoted") else "did not promote"
+    return (f"{verb} {decision['arm']} (best trained top-1) as {decision['name']} v{decision['version']} "
+            f"to @champion: {decision.get('reason')}")
 
 
 def summarize(result: dict[str, Any]) -> list[str]:
@@ -183,11 +194,11 @@ def summarize(result: dict[str, Any]) -> list[str]:
         if facts["paired_table"]:
             lines += ["", facts["paired_table"].rstrip()]
         plots = [f for f in facts["files"] if f.endswith(".png")]
-        lines += [f"promotion: {_promotion_text(facts['promotion'])}",
+        lines += [_promotion_text(facts["promotion"]),
                   f"report: {facts['report_uri']}" + (f" (plot: {plots[0]})" if plots else "")]
     for task, answer in result["answers"].items():
-        shown = {k: answer.get(k) for k in ("labels", "model", "latency_ms") if k in answer}
-        lines.append(f"served {result['champions'][task]}: asked {result['requests'][task]} -> {shown or answer}")
+        lines += [f"served {result['champions'][task]}, asked {result['requests'][task]}:",
+                  f"  {_answer_text(answer)}"]
     tracking = result["tracking_uri"]
     lines += ["", f"MLflow store: {tracking}",
               f"open it: mlflow ui --backend-store-uri {tracking}" if not tracking.startswith("http")

@@ -430,7 +430,8 @@ def test_compare_trains_the_arms_and_writes_one_report(tmp_path: Path) -> None:
     # only the rows against the first reference (SFT), without the explanation.
     assert "| sft | base |" in printed and "| orpo | sft |" in printed and "McNemar's exact" in printed
     assert "| orpo | sft |" in summary["paired_table"] and "| orpo | base |" not in summary["paired_table"]
-    assert "McNemar's exact" not in summary["paired_table"]
+    assert "McNemar's exact" not in summary["paired_table"] and "mrr diff" not in summary["paired_table"]
+    assert summary["headline_table"].startswith("| arm | n | unparseable | top1 | top10 | mrr |\n")
     # DPO after SFT takes a budget of its own on top: its 2 steps are marked against the budget of 1.
     steps = {arm: (summary["arms"][arm]["steps"], summary["arms"][arm]["budget"]) for arm in arms}
     assert steps == {"base": (0, "n/a"), "sft": (1, "equal"), "orpo": (1, "equal"), "teacher": (None, "n/a"),

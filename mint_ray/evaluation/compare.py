@@ -87,6 +87,7 @@ from mint_ray.evaluation.report import (
     Confound,
     budget_marks,
     confounds_markdown,
+    headline_metrics,
     metrics_markdown,
     paired_explanation,
     paired_markdown,
@@ -590,8 +591,9 @@ def run(cfg: Config) -> dict[str, Any]:
                         summaries[arm.name], evaluation_context(test, cfg.generation, retrieval, arm=arm.name,
                                                                 run_id=run_.run_id, model_uri=model.uri)))
     table = metrics_markdown(report.summaries)
-    # The closing summaries show the rows against the first reference (SFT where it trained);
-    # the report has them all.
+    # The demo's closing summary: the headline metrics, and the paired rows against the first
+    # reference (SFT where it trained) without MRR; the report and `text` have them all.
+    headline = headline_metrics(test.task)
     headline_paired = [p for p in report.paired if p.reference == report.paired[0].reference]
     text = (f"Comparison on {cfg.split} ({len(test.cases)} cases), report at {report_uri}:\n{table}\n"
             + (f"Paired differences:\n{paired_explanation(report.paired[0].alpha, cfg.bootstrap_resamples)}"
@@ -609,7 +611,8 @@ def run(cfg: Config) -> dict[str, Any]:
                               "nll_over": trainings[a.name].nll_over, **summaries[a.name]} for a in arms},
             "paired_differences": paired, "varied": cfg.varied_settings,
             "confounds": [dataclasses.asdict(c) for c in confounds],
-            "table": table, "paired_table": paired_markdown(headline_paired), "text": text,
+            "table": table, "headline_table": metrics_markdown(report.summaries, metrics=headline),
+            "paired_table": paired_markdown(headline_paired, metrics=headline[:-1]), "text": text,
             "mlflow_run_id": run_.run_id,
             "seconds": round(time.time() - t0, 1)}
 

@@ -188,9 +188,14 @@ def to_markdown(table: pa.Table, digits: int = 3) -> str:
                      ([_cell(v, digits) for v in row.values()] for row in table.to_pylist()))
 
 
-def metrics_markdown(summaries: Sequence[ArmSummary], digits: int = 3) -> str:
-    """The metrics table with each cell as ``value [low, high]``."""
-    names = _metric_names(m for s in summaries for m in s.metrics)
+def headline_metrics(task: Task) -> list[str]:
+    """The metrics a comparison is read by: top-1, the task's top-k, MRR."""
+    return [*(f"top{k}" for k in k_values(task)), "mrr"]
+
+
+def metrics_markdown(summaries: Sequence[ArmSummary], digits: int = 3, metrics: Sequence[str] | None = None) -> str:
+    """The metrics table with each cell as ``value [low, high]``: every metric, or ``metrics``."""
+    names = list(metrics) if metrics is not None else _metric_names(m for s in summaries for m in s.metrics)
 
     def cell(summary: ArmSummary, name: str) -> str:
         est = summary.metrics.get(name)
@@ -342,7 +347,7 @@ def paired_comparisons(task: Task, scored: Sequence[ScoredRecord], references: S
         raise MintError(f"reference arm(s) {', '.join(unknown)} have no records: compare against one of "
                         f"{', '.join(cases)}")
     ks = k_values(task)
-    names = [*(f"top{k}" for k in ks), "mrr"]
+    names = headline_metrics(task)
     out = []
     for ref in references:
         for arm in cases:
@@ -377,11 +382,11 @@ def paired_explanation(alpha: float, n_resamples: int) -> str:
             f"one of the two got right; significant when p < {alpha:g}.")
 
 
-def paired_markdown(paired: Sequence[PairedComparison], digits: int = 3) -> str:
-    """The paired-differences table: one row per (arm, reference)."""
+def paired_markdown(paired: Sequence[PairedComparison], digits: int = 3, metrics: Sequence[str] | None = None) -> str:
+    """The paired-differences table: one row per (arm, reference); every metric, or ``metrics``."""
     if not paired:
         return ""
-    names = list(paired[0].differences)
+    names = list(metrics) if metrics is not None else list(paired[0].differences)
 
     def cell(est: Estimate) -> str:
         excludes_zero = est.low > 0 or est.high < 0
