@@ -19,6 +19,9 @@ HAS_GPU ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 TORCH_SOURCE := $(if $(HAS_GPU),,--extra-index-url $(TORCH_CPU_INDEX))
 
 .PHONY: demo test lint bench services clean
+# Prerequisites build side by side: pip's install and Ceph's Debian packages (make test)
+# download at once instead of one after the other.
+MAKEFLAGS += --jobs=2
 
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
