@@ -13,7 +13,7 @@ from mint_ray.config import RayConfig
 
 CONSOLE_ENV_KEYS = (console.LOG_LEVEL_ENV, console.PROGRESS_ENV, console.MLFLOW_LEVEL_ENV)
 # Env vars the workers of an in-process cluster need: DeepSpeed on CPU hosts,
-# and S3 clients that work with Ceph/MinIO-style gateways (see storage.py).
+# and S3 clients that work with Ceph/MinIO-style gateways (see filesystems.py).
 # Credentials are not passed here: workers inherit them from the raylet's
 # environment (local) or from the node's cloud role (clusters), so they never
 # sit in a runtime_env.

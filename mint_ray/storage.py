@@ -1,7 +1,9 @@
-"""Tables and blobs at a URI: a local path or ``s3://bucket/prefix``.
+"""Tables and blobs at a URI: a local path or ``s3://bucket/prefix``; the one module
+callers import for storage.
 
-The only module that talks to a filesystem. S3 goes through pyarrow with the
-endpoint from ``AWS_ENDPOINT_URL``, so any S3-compatible store works.
+Its parts, re-exported here: ``filesystems`` (URIs, the pyarrow filesystem that serves
+one, S3's errors explained), ``blobs`` (one file's bytes) and ``untrusted_files`` (files
+named by data). Only these talk to a filesystem. Datasets are written and read here.
 
 A *dataset* is a folder with a ``_manifest.json`` naming the files of its
 current version (``<uri>/v-<id>/...``). Writers fill a fresh version folder,
@@ -10,405 +12,93 @@ older versions. Readers only follow the manifest, so a crash mid-write never
 shows a half dataset, and a re-run replaces the data instead of adding to it.
 ``publish`` and ``remove_older`` are the two halves of ``commit``, for writers that
 publish several datasets as one.
-
-Files named by data rather than config (a cohort's image URIs) are resolved with
-``resolve``, kept inside a folder with ``is_within`` and read with ``read_file``:
-regular files only, never blocking, at most a given size.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
-import os
-import posixpath
-import re
-import stat
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from mint_ray.blobs import (
+    check_reachable,
+    delete_file,
+    delete_tree,
+    download_file,
+    exists,
+    list_files,
+    read_bytes,
+    upload_file,
+    write_bytes,
+)
 from mint_ray.errors import StorageError
+from mint_ray.filesystems import (
+    _explain,
+    absolute,
+    bucket_of,
+    credential_source,
+    denied_hint,
+    filesystem,
+    is_s3,
+    join,
+    redact,
+)
+from mint_ray.untrusted_files import FileRefused, is_within, read_file, resolve
+
+# Callers use storage.X for all of these. The dataset functions below call them by their
+# names in this module, so a test that patches ``storage.write_bytes`` (say) reaches every
+# step of a publish.
+__all__ = [
+    "MANIFEST",
+    "FileRefused",
+    "Manifest",
+    "abort",
+    "absolute",
+    "bucket_of",
+    "check_reachable",
+    "commit",
+    "credential_source",
+    "delete_file",
+    "delete_tree",
+    "denied_hint",
+    "download_file",
+    "exists",
+    "filesystem",
+    "is_s3",
+    "is_within",
+    "iter_batches",
+    "iter_file_batches",
+    "join",
+    "list_files",
+    "new_version_uri",
+    "prepare_output",
+    "publish",
+    "read_bytes",
+    "read_dataset",
+    "read_dataset_schema",
+    "read_file",
+    "read_manifest",
+    "redact",
+    "remove_older",
+    "require_manifest",
+    "resolve",
+    "restore_manifest",
+    "upload_file",
+    "write_bytes",
+    "write_dataset",
+    "write_table",
+]
 
 MANIFEST = "_manifest.json"
-
-# Ceph's gateway (and other S3 stores) answer 411 to the AWS SDK's default
-# streaming checksums; "when_required" restores plain Content-Length uploads.
-os.environ.setdefault("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
-os.environ.setdefault("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_required")
-
-_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")
-
-
-def redact(message: str) -> str:
-    """Remove any credential held in the environment from ``message``."""
-    for name in _SECRET_ENV:
-        value = os.environ.get(name)
-        if value and len(value) >= 4:
-            message = message.replace(value, "***")
-    return re.sub(r"(?i)(secret[_-]?(access[_-]?)?key\s*[=:]\s*)\S+", r"\1***", message)
-
-
-def is_s3(uri: str) -> bool:
-    return uri.startswith("s3://")
-
-
-def join(uri: str, *parts: str) -> str:
-    """Join path parts onto a URI with '/' (also for local paths)."""
-    out = uri.rstrip("/")
-    for part in parts:
-        out = f"{out}/{part.strip('/')}"
-    return out
-
-
-def _s3_filesystem() -> pafs.S3FileSystem:
-    endpoint = os.environ.get("AWS_ENDPOINT_URL")
-    kwargs: dict[str, Any] = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
-    if endpoint:
-        scheme, _, rest = endpoint.partition("://")
-        kwargs.update(endpoint_override=rest or scheme, scheme=scheme if rest else "https")
-    if os.environ.get("AWS_ACCESS_KEY_ID"):
-        kwargs.update(access_key=os.environ["AWS_ACCESS_KEY_ID"],
-                      secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY", ""),
-                      session_token=os.environ.get("AWS_SESSION_TOKEN"))
-    # Short timeouts and few retries: an unreachable endpoint must fail in
-    # seconds with a clear message, not hang a job.
-    return pafs.S3FileSystem(connect_timeout=5, request_timeout=60,
-                             retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3),
-                             **kwargs)
-
-
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem for ``uri`` and the path inside it."""
-    if is_s3(uri):
-        return _s3_filesystem(), uri[len("s3://"):].rstrip("/")
-    if "://" in uri and not uri.startswith("file://"):
-        raise StorageError(f"unsupported URI scheme in {uri!r}: use a local path or s3://bucket/prefix")
-    path = uri[len("file://"):] if uri.startswith("file://") else uri
-    return pafs.LocalFileSystem(), str(Path(path).expanduser().absolute())
-
-
-# The IAM action S3 checks for each request pyarrow names in its errors ("during X operation").
-_OPERATION_ACTIONS = {
-    "HeadBucket": "s3:ListBucket", "ListObjects": "s3:ListBucket", "ListObjectsV2": "s3:ListBucket",
-    "HeadObject": "s3:GetObject", "GetObject": "s3:GetObject", "PutObject": "s3:PutObject",
-    "CreateMultipartUpload": "s3:PutObject", "UploadPart": "s3:PutObject",
-    "CompleteMultipartUpload": "s3:PutObject", "CopyObject": "s3:GetObject + s3:PutObject",
-    "AbortMultipartUpload": "s3:AbortMultipartUpload", "DeleteObject": "s3:DeleteObject",
-    "DeleteObjects": "s3:DeleteObject",
-}
-_BUCKET_ACTIONS = {"s3:ListBucket"}
-
-
-def credential_source() -> str:
-    """Who this process is to S3: an access key from the environment, or a role."""
-    if os.environ.get("AWS_ACCESS_KEY_ID"):
-        return "the access key in AWS_ACCESS_KEY_ID"
-    if os.environ.get("AWS_ROLE_ARN"):
-        return f"the role {os.environ['AWS_ROLE_ARN']} (service account, IRSA)"
-    return "this node's role (instance profile or pod identity)"
-
-
-def denied_hint(uri: str, text: str, action: str | None = None) -> str:
-    """What was refused, on which resource, and for whom: the S3 action and the ARN (from
-    pyarrow's message when it names the request), worded for keys or for roles."""
-    m = re.search(r"during (\w+) operation", text)
-    operation = m.group(1) if m else None
-    action = _OPERATION_ACTIONS.get(operation or "", action) or "the request"
-    bucket = bucket_of(uri)
-    km = re.search(r"key '([^']*)' in bucket '([^']*)'", text)
-    key = km.group(1) if km else uri[len("s3://"):].split("/", 1)[1] if "/" in uri[len("s3://"):] else ""
-    bucket = km.group(2) if km else bucket
-    if action in _BUCKET_ACTIONS:
-        resource = f"arn:aws:s3:::{bucket}" + (f" (prefix {key!r})" if key and operation != "HeadBucket" else "")
-    else:
-        resource = f"arn:aws:s3:::{bucket}/{key}"
-    what = f"{action} on {resource}" + (f" ({operation})" if operation else "")
-    note = (" (S3 answers 403, not 404, for a missing key where s3:ListBucket is not allowed)"
-            if operation == "HeadObject" else "")
-    if os.environ.get("AWS_ACCESS_KEY_ID"):
-        return (f"S3 refused the credentials or the permission: {what}, for the access key in "
-                "AWS_ACCESS_KEY_ID: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and that the key's "
-                f"policy allows {action} there{note}")
-    return (f"S3 denied {what} to {credential_source()}: the role's policy must allow {action} there "
-            f"(infra/terraform/iam.tf: stage_prefixes read/write, input_prefixes read){note}")
-
-
-def _explain(uri: str, err: Exception, action: str | None = None) -> StorageError:
-    text = str(err)
-    endpoint = os.environ.get("AWS_ENDPOINT_URL", "the default AWS endpoint")
-    if "NETWORK_CONNECTION" in text or "Couldn't connect" in text or "curlCode: 7" in text:
-        hint = f"cannot reach the S3 endpoint {endpoint}: check AWS_ENDPOINT_URL and that the server is up"
-    elif "NoSuchBucket" in text or "NO_SUCH_BUCKET" in text:
-        hint = f"bucket {bucket_of(uri)!r} does not exist: create it first"
-    elif "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text:
-        hint = ("S3 refused the credentials: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
-                if os.environ.get("AWS_ACCESS_KEY_ID") else
-                f"S3 refused the credentials of {credential_source()}: check the role and the clock")
-    elif "ACCESS_DENIED" in text or "AccessDenied" in text:
-        hint = denied_hint(uri, text, action)
-    else:
-        hint = text.splitlines()[0] if text else type(err).__name__
-    return StorageError(redact(f"{uri}: {hint}"))
-
-
-def absolute(uri: str) -> str:
-    """``uri`` with a local path made absolute (Ray workers run in other directories)."""
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", uri) and not uri.startswith("file:/"):
-        return uri  # s3://..., models:/...
-    return filesystem(uri)[1]
-
-
-def bucket_of(uri: str) -> str:
-    return uri[len("s3://"):].split("/", 1)[0] if is_s3(uri) else ""
-
-
-def check_reachable(uri: str) -> None:
-    """Fail fast (before any work) if ``uri``'s store or bucket cannot be used."""
-    if not is_s3(uri):
-        return
-    fs, _ = filesystem(uri)
-    bucket = bucket_of(uri)
-    try:
-        info = fs.get_file_info(bucket)
-    except OSError as err:
-        raise _explain(uri, err, "s3:ListBucket") from None
-    if info.type == pafs.FileType.NotFound:
-        raise StorageError(f"{uri}: bucket {bucket!r} does not exist: create it first "
-                           "(or fix the bucket name in the URI)")
-
-
-def exists(uri: str) -> bool:
-    fs, path = filesystem(uri)
-    try:
-        return fs.get_file_info(path).type != pafs.FileType.NotFound
-    except OSError as err:
-        raise _explain(uri, err) from None
-
-
-def write_bytes(uri: str, data: bytes) -> None:
-    fs, path = filesystem(uri)
-    try:
-        parent = path.rsplit("/", 1)[0]
-        if not is_s3(uri):
-            fs.create_dir(parent, recursive=True)
-        with fs.open_output_stream(path) as out:
-            out.write(data)
-    except OSError as err:
-        raise _explain(uri, err, "s3:PutObject") from None
-
-
-def read_bytes(uri: str) -> bytes:
-    fs, path = filesystem(uri)
-    try:
-        with fs.open_input_stream(path) as f:
-            return f.read()
-    except FileNotFoundError:
-        raise StorageError(f"{uri}: no such file") from None
-    except OSError as err:
-        raise _explain(uri, err, "s3:GetObject") from None
-
-
-def upload_file(local_path: str | Path, uri: str) -> None:
-    """Stream a local file to ``uri`` (multipart on S3): model shards of several GB never
-    sit in memory whole."""
-    fs, path = filesystem(uri)
-    try:
-        if not is_s3(uri):
-            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        pafs.copy_files(str(Path(local_path).absolute()), path, source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=fs, chunk_size=8 * 2**20)
-    except OSError as err:
-        raise _explain(uri, err, "s3:PutObject") from None
-
-
-def download_file(uri: str, local_path: str | Path) -> None:
-    """Stream ``uri`` into a local file (parents created)."""
-    fs, path = filesystem(uri)
-    target = Path(local_path).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        pafs.copy_files(path, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem(),
-                        chunk_size=8 * 2**20)
-    except FileNotFoundError:
-        raise StorageError(f"{uri}: no such file") from None
-    except OSError as err:
-        raise _explain(uri, err, "s3:GetObject") from None
-
-
-# ---------------------------------------------------------------- files named by data
-
-
-class FileRefused(StorageError):
-    """A file named by untrusted data (a cohort's ``image_uri``) that is not read.
-
-    ``kind``: ``missing`` (no such file), ``outside`` (a symlink leads out of the allowed
-    folder), ``not_a_file`` (a folder, FIFO, device or socket), ``too_large`` (``size`` is
-    set), ``unreadable`` (a symlink loop, a name too long, no permission, a failing GET of
-    that object) or ``timeout`` (the store's own request timeout)."""
-
-    def __init__(self, kind: str, detail: str, size: int | None = None) -> None:
-        super().__init__(f"{kind}: {detail}")
-        self.kind, self.detail, self.size = kind, detail, size
-
-
-def resolve(uri: str, base: str) -> str:
-    """``uri`` as an absolute URI without ``.``/``..`` segments: a relative path is taken
-    inside the folder ``base`` (a local path or ``s3://``), ``file://`` is dropped, and dot
-    segments are folded lexically (symlinks are :func:`read_file`'s concern). A NUL or a
-    scheme no store serves is a :class:`StorageError`."""
-    if "\x00" in uri:
-        raise StorageError("a NUL character in the URI")
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", uri) and not uri.startswith(("s3://", "file://")):
-        raise StorageError(f"unsupported URI scheme {uri.split('://', 1)[0]!r}: use a path or s3://bucket/key")
-    path = uri[len("file://"):] if uri.startswith("file://") else uri
-    if not is_s3(path) and not path.startswith("/"):
-        path = join(base if is_s3(base) else absolute(base), path)
-    if is_s3(path):
-        bucket, _, key = path[len("s3://"):].partition("/")
-        key = posixpath.normpath(key) if key else ""
-        return f"s3://{bucket}/{'' if key == '.' else key}"
-    return "/" + posixpath.normpath(path).lstrip("/")
-
-
-def is_within(uri: str, root: str) -> bool:
-    """Whether ``uri`` (as :func:`resolve` returns it) lies inside the folder ``root``: the
-    same store and bucket, and a path below it (``/a/bc`` is not inside ``/a/b``)."""
-    if is_s3(uri) != is_s3(root):
-        return False
-    top = (resolve(root, "/") if is_s3(root) else "/" + posixpath.normpath(absolute(root)).lstrip("/")).rstrip("/")
-    rest = uri[len(top) + 1:]
-    # An S3 key may climb out of its bucket ("s3://b/../c"): folded, it starts with "..".
-    return uri.startswith(top + "/") and bool(rest) and rest != ".." and not rest.startswith("../")
-
-
-def read_file(uri: str, max_bytes: int, *, within: str | None = None) -> bytes:
-    """The bytes of a file named by untrusted data, or :class:`FileRefused` saying why not.
-
-    Local: symlinks are followed and the real path must stay inside ``within``; the file is
-    opened non-blocking, without following a last symlink, and must be a regular file
-    (``fstat`` of the open descriptor), so a FIFO or a device never blocks or floods a read;
-    at most ``max_bytes`` are read. S3: the object's size is checked before its body is
-    read; a missing key is ``missing``, any other failure of that object ``unreadable``.
-    The store's own failure (endpoint down, credentials refused) is a :class:`StorageError`:
-    it is no row's fault.
-    """
-    if is_s3(uri):
-        return _read_object(uri, max_bytes)
-    path = filesystem(uri)[1]
-    real = os.path.realpath(path)
-    if within is not None and not is_within(real, os.path.realpath(filesystem(within)[1])):
-        raise FileRefused("outside", "a symlink leads outside the allowed folder")
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(real, flags)
-    except (FileNotFoundError, NotADirectoryError):
-        raise FileRefused("missing", "no file there") from None
-    except (OSError, ValueError) as err:
-        raise FileRefused("unreadable", _os_reason(err)) from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise FileRefused("not_a_file", f"not a regular file but a {_file_type(info.st_mode)}")
-        if info.st_size > max_bytes:
-            raise FileRefused("too_large", f"{info.st_size} bytes", size=info.st_size)
-        chunks, size = [], 0
-        while size <= max_bytes and (chunk := os.read(fd, min(8 * 2**20, max_bytes + 1 - size))):
-            chunks.append(chunk)
-            size += len(chunk)
-        if size > max_bytes:  # grew since fstat
-            raise FileRefused("too_large", f"over {max_bytes} bytes", size=size)
-        return b"".join(chunks)
-    except OSError as err:
-        raise FileRefused("unreadable", _os_reason(err)) from None
-    finally:
-        os.close(fd)
-
-
-def _os_reason(err: Exception) -> str:
-    """An OS error without the path (paths named by data can be long and hostile)."""
-    if isinstance(err, OSError) and err.errno is not None:
-        return f"{errno.errorcode.get(err.errno, err.errno)}: {os.strerror(err.errno)}"
-    return f"{type(err).__name__}: {str(err)[:120]}"
-
-
-def _file_type(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
-                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
-        if test(mode):
-            return name
-    return "special file"
-
-
-def _store_failure(text: str) -> bool:
-    """Errors that say the store cannot be used at all, not that one object is bad."""
-    return any(marker in text for marker in ("NETWORK_CONNECTION", "Couldn't connect", "curlCode: 7,",
-                                             "InvalidAccessKeyId", "SignatureDoesNotMatch"))
-
-
-def _read_object(uri: str, max_bytes: int) -> bytes:
-    fs, path = filesystem(uri)
-    try:
-        with fs.open_input_file(path) as f:
-            size = f.size()
-            if size > max_bytes:
-                raise FileRefused("too_large", f"{size} bytes", size=size)
-            return f.read()
-    except FileRefused:
-        raise
-    except FileNotFoundError:
-        raise FileRefused("missing", "no object there") from None
-    except (OSError, ValueError) as err:  # pyarrow.ArrowInvalid is a ValueError
-        text = str(err)
-        if _store_failure(text):
-            raise _explain(uri, err, "s3:GetObject") from None
-        if "curlCode: 28" in text or "timed out" in text.lower():
-            raise FileRefused("timeout", "the store's request timeout") from None
-        reason = _explain(uri, err, "s3:GetObject") if isinstance(err, OSError) else err
-        raise FileRefused("unreadable", str(reason)[:300]) from None
-
-
-def delete_file(uri: str) -> None:
-    """Remove one file; a file already gone is fine."""
-    fs, path = filesystem(uri)
-    try:
-        fs.delete_file(path)
-    except FileNotFoundError:
-        pass
-    except OSError as err:
-        raise _explain(uri, err, "s3:DeleteObject") from None
-
-
-def delete_tree(uri: str) -> None:
-    fs, path = filesystem(uri)
-    try:
-        if fs.get_file_info(path).type != pafs.FileType.NotFound:
-            fs.delete_dir(path)
-    except OSError as err:
-        raise _explain(uri, err, "s3:DeleteObject") from None
-
-
-def list_files(uri: str) -> list[str]:
-    """Every file under ``uri`` as a full URI, sorted."""
-    fs, path = filesystem(uri)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    except OSError as err:
-        raise _explain(uri, err, "s3:ListBucket") from None
-    prefix = "s3://" if is_s3(uri) else ""
-    return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File)
-
-
-# ---------------------------------------------------------------- datasets
 
 
 @dataclass

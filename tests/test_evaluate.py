@@ -22,7 +22,8 @@ from mint_ray.config import build_config, load_config
 from mint_ray.errors import MintError
 from mint_ray.evaluation import compare, promote, rag
 from mint_ray.evaluation import run as evaluate
-from mint_ray.evaluation.report import Confound, render_report
+from mint_ray.evaluation.report import render_report
+from mint_ray.evaluation.training_report import Confound
 from mint_ray.model_folders import METADATA_FILE
 from mint_ray.ray_cluster import worker_env
 from mint_ray.registry import log_student

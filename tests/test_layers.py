@@ -29,13 +29,14 @@ MATH = ("mint_ray.losses", "mint_ray.metrics", "mint_ray.tasks", "mint_ray.prefe
         "mint_ray.preferences.validate", "mint_ray.text_baseline")
 MATH_MAY_NOT_IMPORT = ("ray", "deepspeed", "mlflow", "boto3", "botocore", "pyarrow", "fsspec", "os",
                        "shutil", "tempfile", "pathlib", "subprocess", "socket", "urllib", "requests",
-                       "mint_ray.storage", "mint_ray.tracking", "mint_ray.registry", "mint_ray.model_folders",
-                       "mint_ray.ray_cluster")
-EDGES = ("mint_ray.storage", "mint_ray.tracking", "mint_ray.registry", "mint_ray.model_folders",
+                       "mint_ray.storage", "mint_ray.filesystems", "mint_ray.blobs", "mint_ray.untrusted_files",
+                       "mint_ray.tracking", "mint_ray.registry", "mint_ray.model_folders", "mint_ray.ray_cluster")
+EDGES = ("mint_ray.storage", "mint_ray.filesystems", "mint_ray.blobs", "mint_ray.untrusted_files",
+         "mint_ray.tracking", "mint_ray.registry", "mint_ray.model_folders",
          "mint_ray.errors", "mint_ray.config", "mint_ray.console", "mint_ray.ray_cluster")
 STAGES = ("mint_ray.data", "mint_ray.teachers", "mint_ray.preferences", "mint_ray.training",
           "mint_ray.evaluation", "mint_ray.serving")
-FLOWS = ("mint_ray.cli", "mint_ray.demo", "mint_ray.evaluation.compare")
+FLOWS = ("mint_ray.cli", "mint_ray.demo", "mint_ray.evaluation.compare", "mint_ray.evaluation.compare_config")
 TEACHER_INTERFACE = ("mint_ray.teachers", "mint_ray.teachers.protocol", "mint_ray.teachers.loader")
 
 

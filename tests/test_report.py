@@ -25,7 +25,8 @@ from mint_ray.evaluation import (
     training_table,
     write_report,
 )
-from mint_ray.evaluation.report import Confound, paired_comparisons, reference_arms
+from mint_ray.evaluation.paired import paired_comparisons, reference_arms
+from mint_ray.evaluation.training_report import Confound
 from mint_ray.tasks import RARE_DISEASE, TISSUE_TYPE
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

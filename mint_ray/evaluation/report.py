@@ -1,4 +1,4 @@
-"""The comparison report across arms (base, SFT, DPO, ORPO, teacher...).
+"""The comparison report across arms (base, SFT, DPO, ORPO, teacher...): its files rendered and stored.
 
 Input: one record per generation, a mapping with ``arm``, ``sample_id``,
 ``label`` (the truth, ``;``-separated synonyms allowed), ``generation`` (the
@@ -20,12 +20,9 @@ top-5 and bottom-5 lists). Output: the files of one report, rendered in memory
 - ``training.csv``   when the caller gives each arm's training (``ArmTraining``): its
   data, NLL span, steps and tokens, and whether it kept the step budget (also in ``report.md``).
 
-Paired differences: every arm against the reference arms (``reference_arms``: the SFT
-arm, or the first arm without one, and the base arm when present), on the same cases
-matched by ``sample_id``: the mean difference of each headline metric (top-1, top-k,
-MRR) with its paired bootstrap interval, and McNemar's exact test on top-1. Two per-arm
-intervals that overlap say little; the paired interval is what says whether one arm
-beats another on these cases. An arm missing any of the reference's cases is an error.
+Its parts: ``tables`` (scoring, the metrics and per-label tables), ``paired`` (the paired
+differences against the reference arms), ``training_report`` (the Training and Confounds
+sections); here the chart and the report's assembly.
 
 Everything except ``write_report`` is pure.
 """
@@ -39,173 +36,41 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.csv as pacsv
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from mint_ray import storage
 from mint_ray.errors import MintError
-from mint_ray.metrics import (
-    THRESHOLD,
-    ArmSummary,
-    CaseScore,
-    Estimate,
-    McNemar,
-    aggregate,
-    case_values,
-    k_values,
-    mcnemar_exact,
-    paired_difference,
-    score_case,
-    summarise_arm,
+from mint_ray.evaluation.paired import (
+    PairedComparison,
+    paired_comparisons,
+    paired_explanation,
+    paired_markdown,
+    reference_arms,
 )
+from mint_ray.evaluation.tables import (
+    ScoredRecord,
+    _by_arm,
+    _metric_names,
+    generations_jsonl,
+    metrics_markdown,
+    metrics_table,
+    per_label_table,
+    score_records,
+    summarise_arms,
+    summary_dict,
+    to_csv,
+    to_markdown,
+)
+from mint_ray.evaluation.training_report import (
+    ArmTraining,
+    Confound,
+    confounds_markdown,
+    training_markdown,
+    training_table,
+)
+from mint_ray.metrics import THRESHOLD, ArmSummary
 from mint_ray.tasks.base import Task
-
-REQUIRED_FIELDS = ("arm", "sample_id", "label", "generation")
-# Column order of the tables; metrics absent from every arm are left out.
-METRIC_ORDER = ("top1", "top5", "top10", "mrr", "car", "coverage", "avoidance", "parseable")
-
-
-@dataclass(frozen=True)
-class ScoredRecord:
-    """A generation with its parsed items and its score."""
-
-    arm: str
-    sample_id: str
-    label: str
-    generation: str
-    items: list[str]
-    score: CaseScore
-
-
-def _teacher_list(record: Mapping[str, Any], key: str) -> list[str] | None:
-    value = record.get(key)
-    return None if value is None else [str(v) for v in value]
-
-
-def score_records(task: Task, records: Iterable[Mapping[str, Any]],
-                  threshold: float = THRESHOLD) -> list[ScoredRecord]:
-    """Parse and score every record; bad records are a ``MintError`` naming the field."""
-    scored: list[ScoredRecord] = []
-    seen: set[tuple[str, str]] = set()
-    for i, record in enumerate(records):
-        missing = [f for f in REQUIRED_FIELDS if f not in record]
-        if missing:
-            raise MintError(f"record {i} lacks {', '.join(missing)}: every record needs "
-                            f"{', '.join(REQUIRED_FIELDS)} (teacher_top/teacher_bottom for CAR)")
-        arm, sample_id, label = str(record["arm"]), str(record["sample_id"]), str(record["label"])
-        if not label.strip():
-            raise MintError(f"record {i} (arm {arm!r}, sample {sample_id!r}) has an empty "
-                            "label: give the true name (synonyms separated by ';')")
-        if (arm, sample_id) in seen:
-            raise MintError(f"arm {arm!r} has sample {sample_id!r} twice: give one generation "
-                            "per arm and sample_id")
-        seen.add((arm, sample_id))
-        # A failed generation (None) is kept as an empty answer: a miss, not a gap.
-        generation = record["generation"] or ""
-        score = score_case(task, generation, label, _teacher_list(record, "teacher_top"),
-                           _teacher_list(record, "teacher_bottom"), threshold)
-        items = task.parse_answer(generation).items
-        scored.append(ScoredRecord(arm, sample_id, label, generation, items, score))
-    return scored
-
-
-def _by_arm(scored: Sequence[ScoredRecord]) -> dict[str, list[ScoredRecord]]:
-    """Records grouped by arm, arms in first-seen order (the order the caller chose)."""
-    groups: dict[str, list[ScoredRecord]] = {}
-    for record in scored:
-        groups.setdefault(record.arm, []).append(record)
-    return groups
-
-
-def summarise_arms(task: Task, scored: Sequence[ScoredRecord], n_resamples: int = 1000,
-                   seed: int = 0, alpha: float = 0.05) -> list[ArmSummary]:
-    """One ``ArmSummary`` (metrics with bootstrap intervals) per arm, in first-seen order."""
-    return [summarise_arm(task, [r.score for r in records], arm, n_resamples, seed, alpha)
-            for arm, records in _by_arm(scored).items()]
-
-
-def _metric_names(present: Iterable[str]) -> list[str]:
-    present = set(present)
-    return [m for m in METRIC_ORDER if m in present]
-
-
-def metrics_table(summaries: Sequence[ArmSummary]) -> pa.Table:
-    """One row per arm: ``arm, n, n_parseable, n_unparseable`` then each metric with its CI."""
-    names = _metric_names(m for s in summaries for m in s.metrics)
-    columns: dict[str, list[Any]] = {
-        "arm": [s.arm for s in summaries], "n": [s.n for s in summaries],
-        "n_parseable": [s.n_parseable for s in summaries],
-        "n_unparseable": [s.n_unparseable for s in summaries]}
-    for name in names:
-        for suffix, attr in (("", "value"), ("_ci_low", "low"), ("_ci_high", "high")):
-            columns[name + suffix] = [getattr(s.metrics[name], attr) if name in s.metrics
-                                      else None for s in summaries]
-    return pa.table(columns)
-
-
-def per_label_table(task: Task, scored: Sequence[ScoredRecord]) -> pa.Table:
-    """One row per (label, arm): counts and the mean of every metric (no intervals: n is tiny)."""
-    arms = list(_by_arm(scored))
-    groups: dict[tuple[str, str], list[CaseScore]] = {}
-    for r in scored:
-        groups.setdefault((r.label, r.arm), []).append(r.score)
-    keys = sorted(groups, key=lambda key: (key[0].lower(), arms.index(key[1])))
-    means = [aggregate(groups[key], k_values(task)) for key in keys]
-    columns: dict[str, list[Any]] = {
-        "label": [label for label, _ in keys], "arm": [arm for _, arm in keys],
-        "n": [len(groups[key]) for key in keys],
-        "n_parseable": [sum(s.parseable for s in groups[key]) for key in keys]}
-    for name in _metric_names(m for row in means for m in row):
-        columns[name] = [row.get(name) for row in means]
-    return pa.table(columns)
-
-
-def to_csv(table: pa.Table) -> str:
-    buffer = io.BytesIO()
-    pacsv.write_csv(table, buffer)
-    return buffer.getvalue().decode()
-
-
-def _cell(value: Any, digits: int) -> str:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def _markdown(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def to_markdown(table: pa.Table, digits: int = 3) -> str:
-    """Any table as a GitHub Markdown table; floats rounded, nulls shown as n/a."""
-    return _markdown(table.column_names,
-                     ([_cell(v, digits) for v in row.values()] for row in table.to_pylist()))
-
-
-def headline_metrics(task: Task) -> list[str]:
-    """The metrics a comparison is read by: top-1, the task's top-k, MRR."""
-    return [*(f"top{k}" for k in k_values(task)), "mrr"]
-
-
-def metrics_markdown(summaries: Sequence[ArmSummary], digits: int = 3, metrics: Sequence[str] | None = None) -> str:
-    """The metrics table with each cell as ``value [low, high]``: every metric, or ``metrics``."""
-    names = list(metrics) if metrics is not None else _metric_names(m for s in summaries for m in s.metrics)
-
-    def cell(summary: ArmSummary, name: str) -> str:
-        est = summary.metrics.get(name)
-        if est is None:
-            return "n/a"
-        return f"{est.value:.{digits}f} [{est.low:.{digits}f}, {est.high:.{digits}f}]"
-
-    return _markdown(["arm", "n", "unparseable", *names],
-                     ([_cell(s.arm, digits), str(s.n), str(s.n_unparseable),
-                       *(cell(s, name) for name in names)] for s in summaries))
 
 
 def bar_chart_png(summaries: Sequence[ArmSummary], title: str,
@@ -272,19 +137,6 @@ def _paired_panel(ax: Any, paired: Sequence[PairedComparison]) -> None:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
 
 
-def generations_jsonl(scored: Sequence[ScoredRecord]) -> str:
-    """Every raw generation with its parse and score, one JSON object a line."""
-    lines = []
-    for r in scored:
-        s = r.score
-        lines.append(json.dumps({
-            "arm": r.arm, "sample_id": r.sample_id, "label": r.label,
-            "generation": r.generation, "items": r.items, "parseable": s.parseable,
-            "rank": s.rank, "n_items": s.n_items, "car": s.car, "coverage": s.c,
-            "avoidance": s.a}, ensure_ascii=False))
-    return "\n".join(lines) + "\n" if lines else ""
-
-
 def _sample_set_note(scored: Sequence[ScoredRecord]) -> str:
     """A warning when arms were scored on different cases (their metrics do not compare)."""
     ids = {arm: {r.sample_id for r in records} for arm, records in _by_arm(scored).items()}
@@ -294,212 +146,6 @@ def _sample_set_note(scored: Sequence[ScoredRecord]) -> str:
         return ""
     return (f"**Warning:** the arms were scored on different cases ({len(common)} shared; "
             f"{', '.join(differing)}): compare their metrics with care.\n\n")
-
-
-@dataclass(frozen=True)
-class PairedComparison:
-    """One arm against a reference arm on the same cases.
-
-    ``differences``: per headline metric, mean(arm - reference) with its paired bootstrap
-    interval; ``top1``: McNemar's exact test on top-1, significant when p < ``alpha``.
-    """
-
-    arm: str
-    reference: str
-    n: int
-    differences: dict[str, Estimate]
-    top1: McNemar
-    alpha: float
-
-    @property
-    def significant(self) -> bool:
-        return self.top1.p_value < self.alpha
-
-    def as_dict(self) -> dict[str, float | int | str | bool]:
-        """Flat and JSON-able: ``top1_diff``, ``top1_diff_ci_low``, ..., ``top1_mcnemar_p``."""
-        out: dict[str, float | int | str | bool] = {"arm": self.arm, "reference": self.reference, "n": self.n}
-        for name, est in self.differences.items():
-            out.update({f"{name}_diff": est.value, f"{name}_diff_ci_low": est.low,
-                        f"{name}_diff_ci_high": est.high})
-        return {**out, "top1_only_arm": self.top1.only_a, "top1_only_reference": self.top1.only_b,
-                "top1_mcnemar_p": self.top1.p_value, "top1_significant": self.significant}
-
-
-def reference_arms(arms: Sequence[str], kinds: Mapping[str, str]) -> list[str]:
-    """The arms every other arm is compared against: the first of kind ``sft`` (without
-    one, the first arm), then the first of kind ``base`` when present."""
-    sft = next((a for a in arms if kinds.get(a) == "sft"), arms[0] if arms else None)
-    base = next((a for a in arms if kinds.get(a) == "base"), None)
-    return [a for a in dict.fromkeys((sft, base)) if a is not None]
-
-
-def paired_comparisons(task: Task, scored: Sequence[ScoredRecord], references: Sequence[str],
-                       n_resamples: int = 1000, seed: int = 0, alpha: float = 0.05) -> list[PairedComparison]:
-    """Every arm against each reference (``reference_arms``) on the cases matched by ``sample_id``.
-
-    A pair both of whose arms are references is shown once, against the earlier reference
-    (SFT - base, not base - SFT). An arm that lacks a case of the other is a ``MintError``
-    naming it: a paired difference over different cases would compare different questions.
-    """
-    cases = {arm: {r.sample_id: r.score for r in records} for arm, records in _by_arm(scored).items()}
-    unknown = [r for r in references if r not in cases]
-    if unknown:
-        raise MintError(f"reference arm(s) {', '.join(unknown)} have no records: compare against one of "
-                        f"{', '.join(cases)}")
-    ks = k_values(task)
-    names = headline_metrics(task)
-    out = []
-    for ref in references:
-        for arm in cases:
-            if arm == ref or (arm in references and references.index(arm) > references.index(ref)):
-                continue
-            for lacking, other in ((arm, ref), (ref, arm)):
-                missing = sorted(cases[other].keys() - cases[lacking].keys())
-                if missing:
-                    raise MintError(f"arm {lacking!r} lacks {len(missing)} of the cases of arm {other!r} (e.g. "
-                                    f"{missing[0]!r}): paired differences need every arm answered on the same "
-                                    "cases; evaluate it on the same split and max_cases")
-            ids = sorted(cases[ref])
-            ours = case_values([cases[arm][i] for i in ids], ks)
-            theirs = case_values([cases[ref][i] for i in ids], ks)
-            differences = {name: paired_difference(ours[name], theirs[name], n_resamples, seed, alpha)
-                           for name in names}
-            out.append(PairedComparison(arm, ref, len(ids), differences,
-                                        mcnemar_exact(ours["top1"] > 0, theirs["top1"] > 0), alpha))
-    return out
-
-
-def _signed(value: float, digits: int) -> str:
-    return f"{value:+.{digits}f}"
-
-
-def paired_explanation(alpha: float, n_resamples: int) -> str:
-    """How to read the paired-differences table."""
-    return (f"Each arm minus the reference arm on the same cases (matched by case id): the mean "
-            f"difference with its {100 * (1 - alpha):g}% paired bootstrap interval ({n_resamples} resamples; "
-            f"each draws the case indices once for both arms), `*` where the interval excludes 0. Top-1 is "
-            f"also tested with McNemar's exact two-sided test: `only arm / only ref` counts the cases only "
-            f"one of the two got right; significant when p < {alpha:g}.")
-
-
-def paired_markdown(paired: Sequence[PairedComparison], digits: int = 3, metrics: Sequence[str] | None = None) -> str:
-    """The paired-differences table: one row per (arm, reference); every metric, or ``metrics``."""
-    if not paired:
-        return ""
-    names = list(metrics) if metrics is not None else list(paired[0].differences)
-
-    def cell(est: Estimate) -> str:
-        excludes_zero = est.low > 0 or est.high < 0
-        return (f"{_signed(est.value, digits)} [{_signed(est.low, digits)}, {_signed(est.high, digits)}]"
-                + ("*" if excludes_zero else ""))
-
-    rows = ([p.arm, p.reference, str(p.n), *(cell(p.differences[n]) for n in names),
-             f"{p.top1.only_a} / {p.top1.only_b}", f"{p.top1.p_value:.3g}",
-             "**yes**" if p.significant else "no"] for p in paired)
-    return _markdown(["arm", "vs", "n", *(f"{n} diff" for n in names), "top1 only arm / only ref",
-                      "McNemar p", "top1 significant"], rows)
-
-
-@dataclass(frozen=True)
-class Confound:
-    """A setting in which trained arms differ although the recipe does not mark it as varied:
-    ``values`` gives each arm's value, as text."""
-
-    setting: str
-    values: dict[str, str]
-
-
-def confounds_markdown(confounds: Sequence[Confound]) -> str:
-    """The loud section: every setting that differs between arms beyond their objective."""
-    return ("**Warning: the trained arms differ in more than their objective.** The recipe set "
-            "`allow_confounds: true`; the settings below differ between arms and are not in its "
-            "`varied` list, so a difference between these arms may come from them and not from "
-            "the objective.\n\n"
-            + _markdown(["setting", "values"], ([c.setting, _cell("; ".join(f"{arm}: {v}" for arm, v in
-                                                                            c.values.items()), 3)]
-                                                for c in confounds)))
-
-
-@dataclass(frozen=True)
-class ArmTraining:
-    """What one arm was trained on, for the training table.
-
-    ``steps`` and ``tokens`` count from the base model, the arms it starts from
-    included (``own_steps`` / ``own_tokens``: this arm's run alone); None where
-    unknown (a given model). ``trained`` is False for an arm that trains nothing
-    (base, RAG, the teacher): the step budget does not apply to it. ``nll_over``: the
-    span of its NLL term (``response`` or ``sequence``), None without one (DPO, SimPO,
-    untrained arms).
-    """
-
-    arm: str
-    kind: str
-    data: str
-    trained: bool = True
-    nll_over: str | None = None
-    init_from: str | None = None
-    own_steps: int | None = None
-    steps: int | None = None
-    own_tokens: int | None = None
-    tokens: int | None = None
-
-
-def budget_marks(training: Sequence[ArmTraining], budget: int | None) -> dict[str, str]:
-    """Per arm, whether its total steps kept the budget: ``equal``, or a mark saying how it differs.
-
-    Without a budget (steps set by epochs) the trained arms are held to the total
-    most of them share. Arms that train nothing get ``n/a``.
-    """
-    trained = [t for t in training if t.trained]
-    known = [t.steps for t in trained if t.steps is not None]
-    reference = budget if budget is not None else max(set(known), key=known.count, default=None)
-    what = "the budget" if budget is not None else "the other arms"
-    marks: dict[str, str] = {}
-    for t in training:
-        if not t.trained:
-            marks[t.arm] = "n/a"
-        elif t.steps is None or reference is None:
-            marks[t.arm] = "**unknown**"
-        elif t.steps == reference:
-            marks[t.arm] = "equal"
-        else:
-            marks[t.arm] = f"**differs: {t.steps} steps vs {reference} for {what}**"
-    return marks
-
-
-def training_table(training: Sequence[ArmTraining], budget: int | None) -> pa.Table:
-    """One row per arm: its data, steps and tokens (own and in all) and its budget mark."""
-    marks = budget_marks(training, budget)
-    return pa.table({
-        "arm": [t.arm for t in training], "kind": [t.kind for t in training],
-        "data": [t.data for t in training], "nll_over": [t.nll_over for t in training],
-        "starts_from": [t.init_from for t in training],
-        "own_steps": pa.array([t.own_steps for t in training], pa.int64()),
-        "steps": pa.array([t.steps for t in training], pa.int64()),
-        "own_tokens": pa.array([t.own_tokens for t in training], pa.int64()),
-        "tokens": pa.array([t.tokens for t in training], pa.int64()),
-        "budget": [marks[t.arm] for t in training]})
-
-
-def training_markdown(training: Sequence[ArmTraining], budget: int | None) -> str:
-    """The training section: the budget rule in words, then the table."""
-    rule = (f"Step budget: {budget} optimizer steps per trained arm, counting the steps of the arm it "
-            "starts from." if budget is not None else
-            "No step budget was set (train.optim.max_steps): the arms trained by epochs.")
-    spans = {t.nll_over for t in training if t.nll_over is not None}
-    nll_warning = (f"\n\n**Warning: the arms' NLL spans differ ({', '.join(sorted(spans))})**: an arm's NLL "
-                   "over the prompt changes what it learns, not only its objective." if len(spans) > 1 else "")
-    return (f"{rule} `steps` and `tokens` are totals from the base model (`own_*`: the arm's own "
-            "run); tokens are those the model was run on (prompt once, chosen and rejected "
-            "answer). An arm whose steps differ is marked in `budget`. `nll_over`: the span of the "
-            "arm's NLL term (ORPO, SFT): `response` the answer only, `sequence` prompt and answer "
-            f"(TRL's ORPO form); n/a: no NLL term.{nll_warning}\n\n"
-            + to_markdown(training_table(training, budget)))
-
-
-def summary_dict(summaries: Sequence[ArmSummary]) -> dict[str, dict[str, float | int | str]]:
-    """``{arm: ArmSummary.as_dict()}``: JSON-able, for a stage's summary or MLflow metrics."""
-    return {s.arm: s.as_dict() for s in summaries}
 
 
 @dataclass(frozen=True)

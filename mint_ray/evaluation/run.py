@@ -150,7 +150,7 @@ class TestSet:
                 for c in self.cases}
 
     def records(self, arm: str, generations: dict[str, str]) -> list[dict[str, Any]]:
-        """Report records (``report.score_records`` input) for one arm."""
+        """Report records (``tables.score_records`` input) for one arm."""
         return [{"arm": arm, "sample_id": c.sample_id, "label": c.label,
                  "generation": generations.get(c.sample_id),
                  **({"teacher_top": c.teacher_top, "teacher_bottom": c.teacher_bottom}
