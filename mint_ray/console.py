@@ -37,6 +37,9 @@ PROGRESS_ENV = "MINT_RAY_PROGRESS"
 SETUP_HOOK = "mint_ray.console.quiet_process"
 RAY_TRAIN_PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# mint-ray's own INFO lines name their stage in their text ("compare: ..."): no logger name,
+# so they fit a terminal's line.
+OWN_INFO_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 LOG_DATEFMT = "%H:%M:%S"
 # Ray Data's progress line when stdout is not a terminal (its default is every 10 s).
 RAY_DATA_LOG_INTERVAL_S = "30"
@@ -189,6 +192,20 @@ class _WithoutSilencedLines:
             self.handler({**data, "lines": lines})
 
 
+class ConsoleFormatter(logging.Formatter):
+    """``LOG_FORMAT``, but mint-ray's own INFO lines without the logger name (unless
+    ``--verbose``): a library's line, a warning or an error keeps it."""
+
+    def __init__(self) -> None:
+        super().__init__(LOG_FORMAT, LOG_DATEFMT)
+        self.own_info = logging.Formatter(OWN_INFO_FORMAT, LOG_DATEFMT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.levelno == logging.INFO and record.name.split(".")[0] == "mint_ray" and not verbose():
+            return self.own_info.format(record)
+        return super().format(record)
+
+
 class _DropLines(logging.Filter):
     """One known line of a logger, dropped; the logger's other lines stay."""
 
@@ -222,8 +239,9 @@ def setup(verbose_flag: bool = False) -> None:
     """The driver's console: log format, the quiet rules, and what workers should do."""
     if verbose_flag:
         os.environ[LOG_LEVEL_ENV] = "DEBUG"
-    logging.basicConfig(level=logging.DEBUG if verbose() else logging.INFO, format=LOG_FORMAT,
-                        datefmt=LOG_DATEFMT)
+    handler = logging.StreamHandler()
+    handler.setFormatter(ConsoleFormatter())
+    logging.basicConfig(level=logging.DEBUG if verbose() else logging.INFO, handlers=[handler])
     os.environ.setdefault(PROGRESS_ENV, "bar" if sys.stdout.isatty() else "lines")
     if progress_mode() == "bar":
         # Ray Train sends a worker's prints to its logger, which adds a line to each of

@@ -282,3 +282,18 @@ for _ in range(60):  # until the other cluster's GCS is up: then the lookup is a
 assert ray.get(lookup.remote()) == ray.get_runtime_context().gcs_address
 print("same cluster")
 """
+
+
+def test_own_info_lines_drop_the_logger_name_and_others_keep_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(console.LOG_LEVEL_ENV, raising=False)
+    formatter = console.ConsoleFormatter()
+
+    def line(name: str, level: int) -> str:
+        return formatter.format(logging.LogRecord(name, level, __file__, 1, "compare: training arm sft", None, None))
+
+    assert re.fullmatch(r"\d\d:\d\d:\d\d INFO compare: training arm sft", line("mint_ray.evaluation.compare",
+                                                                                     logging.INFO))
+    assert " WARNING mint_ray.evaluation.compare: compare" in line("mint_ray.evaluation.compare", logging.WARNING)
+    assert " INFO DeepSpeed: compare" in line("DeepSpeed", logging.INFO)
+    monkeypatch.setenv(console.LOG_LEVEL_ENV, "DEBUG")  # --verbose: every line names its logger
+    assert " INFO mint_ray.evaluation.compare: compare" in line("mint_ray.evaluation.compare", logging.INFO)
