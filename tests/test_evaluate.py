@@ -483,9 +483,9 @@ def test_scarce_labels_recipe_runs_reduced(tmp_path: Path) -> None:
         assert meta["training"]["data"]["rows_in"] == rows_in
     assert arms["sft_truth_l"]["data"].endswith("[train], target ground_truth, filter with_ground_truth")
     assert arms["sft_teacher_lu"]["data"].endswith("[train, validation], target chosen")
-    # A one-item truth is a shorter answer than the teacher's list: fewer tokens a row.
-    per_row = {name: arms[name]["tokens"] / rows_in for name, rows_in in rows.items()}
-    assert per_row["sft_truth_l"] < per_row["sft_teacher_lu"]
+    # Both trained 2 steps of 2 rows; a one-item truth is a shorter answer than the teacher's
+    # list: fewer tokens over as many rows.
+    assert arms["sft_truth_l"]["tokens"] < arms["sft_teacher_lu"]["tokens"]
     md = (Path(summary["report_uri"]) / "report.md").read_text()
     assert "Step budget: 2 optimizer steps per trained arm" in md
     assert "| sft_truth_l | sft |" in md and "| teacher | teacher | the teacher's ranking" in md
