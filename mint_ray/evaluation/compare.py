@@ -321,7 +321,7 @@ def run(cfg: Config) -> dict[str, Any]:
             "paired_differences": paired, "varied": cfg.varied_settings,
             "confounds": [dataclasses.asdict(c) for c in confounds],
             "table": table, "headline_table": metrics_markdown(report.summaries, metrics=headline),
-            "paired_table": paired_markdown(headline_paired, metrics=headline[:-1]), "text": text,
+            "paired_table": paired_markdown(headline_paired, metrics=[m for m in headline if m != "mrr"]), "text": text,
             "mlflow_run_id": run_.run_id,
             "seconds": round(time.time() - t0, 1)}
 
