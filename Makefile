@@ -3,6 +3,10 @@
 # pip's find-links already has on this machine), with a GPU PyPI's CUDA build. The rest
 # then keeps that torch (torch==2.13.0 is satisfied by 2.13.0+cpu).
 PY := .venv/bin/python
+# The venv's tools first: DeepSpeed's JIT ops are built by the venv's ninja (installed
+# with DeepSpeed), the one every Ray node started from this checkout finds too; a system
+# ninja of another version reads the other's build log as stale and rebuilds (~80 s).
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
 # DeepSpeed's JIT ops are built for this checkout's torch: a private build folder, so
 # two checkouts on one machine never share (or wait on) each other's build lock.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.local/torch_extensions
@@ -36,9 +40,11 @@ MAKEFLAGS += --jobs=2
 	  exit 1; fi
 	touch $@
 
-# Ceph's S3 gateway (Debian packages) for the tests that use real S3.
-.local/.services: infra/local/s3.sh
+# Ceph's S3 gateway (Debian packages) for the tests that use real S3, and iptables for
+# the faults that tests/test_hosts.py injects between namespaced hosts.
+.local/.services: infra/local/s3.sh infra/local/hosts.sh
 	infra/local/s3.sh install
+	infra/local/hosts.sh install
 	mkdir -p .local && touch $@
 
 # DeepSpeed JIT-compiles its CPU comm op (and CPU Adam) on first use: build once.
@@ -52,8 +58,10 @@ demo: .venv/.installed .local/.ds_ops
 lint: .venv/.installed
 	.venv/bin/ruff check .
 
+# Two workers, a test module each at a time (its Ray, S3 and MLflow fixtures stay whole):
+# much of a module's time is spent waiting on processes to start, not on the CPU.
 test: .venv/.installed .local/.services .local/.ds_ops lint
-	RAY_AUTH_MODE=disabled DS_ACCELERATOR=cpu $(PY) -m pytest -q -ra --durations=15
+	RAY_AUTH_MODE=disabled DS_ACCELERATOR=cpu $(PY) -m pytest -q -ra --durations=15 -n 2 --dist loadfile
 
 bench: .venv/.installed .local/.ds_ops
 	for b in packing training preferences serving; do \

@@ -25,7 +25,7 @@ from typing import Any
 
 from mint_ray import console
 from mint_ray.config import load_config
-from mint_ray.errors import MintError
+from mint_ray.errors import MintError, user_message
 
 # subcommand words -> stage module. Modules are imported lazily: `mint-ray data
 # synth` must not pay for importing DeepSpeed.
@@ -142,8 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         run_stage(argv)
-    except MintError as err:
-        print(f"mint-ray: error: {err}", file=sys.stderr)
+    except Exception as err:
+        message = user_message(err)
+        if message is None:
+            raise
+        print(f"mint-ray: error: {message}", file=sys.stderr)
         return 2
     return 0
 

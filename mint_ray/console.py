@@ -1,7 +1,7 @@
 """What a person at the terminal sees: quiet infrastructure, progress, closing summaries.
 
 - ``setup`` (the CLI, once per driver) and ``quiet_process`` (every Ray worker process,
-  as the runtime_env's ``worker_process_setup_hook``) keep mint-ray's own INFO lines and
+  from ``ray_cluster.setup_worker``, the runtime_env's ``worker_process_setup_hook``) keep mint-ray's own INFO lines and
   every library's warnings and errors, and drop the INFO chatter of Ray, DeepSpeed,
   torch and the clients, plus a short list of known-harmless warnings (each with its
   reason below). ``--verbose`` or ``MINT_RAY_LOG_LEVEL=DEBUG`` brings everything back.
@@ -34,7 +34,6 @@ MLFLOW_LEVEL_ENV = "MLFLOW_LOGGING_LEVEL"
 # "bar" or "lines", decided once on the driver and passed to the workers (their stdout
 # is a pipe to the driver, so they cannot tell by themselves).
 PROGRESS_ENV = "MINT_RAY_PROGRESS"
-SETUP_HOOK = "mint_ray.console.quiet_process"
 RAY_TRAIN_PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # mint-ray's own INFO lines name their stage in their text ("compare: ..."): no logger name,

@@ -11,6 +11,9 @@ import os
 from mint_ray import console
 from mint_ray.config import RayConfig
 
+# Every Ray worker process of mint-ray runs this first (runtime_env
+# ``worker_process_setup_hook``; cluster/runtime_env.yaml names it too).
+WORKER_SETUP_HOOK = "mint_ray.ray_cluster.setup_worker"
 CONSOLE_ENV_KEYS = (console.LOG_LEVEL_ENV, console.PROGRESS_ENV, console.MLFLOW_LEVEL_ENV)
 # Env vars the workers of an in-process cluster need: DeepSpeed on CPU hosts,
 # and S3 clients that work with Ceph/MinIO-style gateways (see filesystems.py).
@@ -32,6 +35,29 @@ def console_env() -> dict[str, str]:
     return {k: os.environ[k] for k in CONSOLE_ENV_KEYS if os.environ.get(k)}
 
 
+def interface_of(ip: str) -> str | None:
+    """The name of this host's network interface that holds ``ip``, or None."""
+    import psutil
+
+    return next((name for name, addresses in psutil.net_if_addrs().items()
+                 if any(a.address == ip for a in addresses)), None)
+
+
+def setup_worker() -> None:
+    """A Ray worker process's first step: the console's rules, and gloo bound to the
+    interface of the node's Ray address. Left alone, gloo takes the address the host
+    name resolves to, often a loopback one (Debian's /etc/hosts maps it to 127.0.1.1),
+    and ranks on other hosts are refused (``Gloo connectFullMesh failed ... 127.0.0.1``).
+    A ``GLOO_SOCKET_IFNAME`` that is already set is kept."""
+    console.quiet_process()
+    if not os.environ.get("GLOO_SOCKET_IFNAME"):
+        import ray
+
+        name = interface_of(ray.util.get_node_ip_address())
+        if name:
+            os.environ["GLOO_SOCKET_IFNAME"] = name
+
+
 def init_ray(cfg: RayConfig) -> None:
     """Connect to (or start) Ray once per process."""
     import ray
@@ -45,11 +71,11 @@ def init_ray(cfg: RayConfig) -> None:
 
         # An existing cluster: its nodes' environment reaches every worker. Under `ray job
         # submit` the job's runtime_env (cluster/runtime_env.yaml, which names
-        # console.SETUP_HOOK) does too, and repeating any of its keys here would make
+        # WORKER_SETUP_HOOK) does too, and repeating any of its keys here would make
         # ray.init fail; a driver attached by hand brings the console's rules itself.
         under_job = RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ
         ray.init(address=address, log_to_driver=True, logging_level=console.ray_log_level(),
-                 runtime_env=None if under_job else {"worker_process_setup_hook": console.SETUP_HOOK,
+                 runtime_env=None if under_job else {"worker_process_setup_hook": WORKER_SETUP_HOOK,
                                                      "env_vars": console_env()})
     else:
         # address="local": start a new in-process cluster, never attach to another
@@ -58,5 +84,5 @@ def init_ray(cfg: RayConfig) -> None:
                  object_store_memory=cfg.object_store_memory_mb * 1024 * 1024,
                  include_dashboard=False, log_to_driver=True, logging_level=console.ray_log_level(),
                  # Every worker applies the console's logging rules as it starts.
-                 runtime_env={"env_vars": worker_env(), "worker_process_setup_hook": console.SETUP_HOOK})
+                 runtime_env={"env_vars": worker_env(), "worker_process_setup_hook": WORKER_SETUP_HOOK})
     console.quiet_process()  # importing Ray set its loggers back to INFO in this process

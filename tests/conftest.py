@@ -7,6 +7,7 @@ keys are already set (a developer's long-running local S3), that one is used.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -24,6 +25,18 @@ SERVICE_LIFETIME_S = 3600
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# The longest modules (minutes each) go first, so that under `pytest -n 2 --dist loadfile`
+# the two workers finish together instead of one starting a long module near the end.
+LONGEST_MODULES = ("test_training", "test_rehearsal", "test_evaluate", "test_hosts", "test_teachers",
+                   "test_preferences", "test_serving_fuzz", "test_serving")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.stem
+        return LONGEST_MODULES.index(name) if name in LONGEST_MODULES else len(LONGEST_MODULES)
+
+    items.sort(key=rank)  # stable: the tests of a module keep their order
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -87,13 +100,30 @@ def _reachable(url: str) -> bool:
         return hasattr(err, "code")
 
 
-def _export(lines: str) -> dict[str, str]:
+def exports(lines: str) -> dict[str, str]:
+    """The ``export KEY=VALUE`` lines of a script's output (``s3.sh env``, ``hosts.sh env``)."""
     env = {}
     for line in lines.splitlines():
         if line.startswith("export "):
-            key, _, value = line[len("export "):].partition("=")
-            env[key] = value
+            for word in line[len("export "):].split():
+                key, _, value = word.partition("=")
+                env[key] = value
     return env
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``values`` set, restored afterwards."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture(scope="session")
@@ -112,7 +142,7 @@ def s3_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
                        env=env, check=True, timeout=600)
         out = subprocess.run([str(LOCAL / "s3.sh"), "env", str(state)], env=env, check=True,
                              capture_output=True, text=True).stdout
-        aws = _export(out)
+        aws = exports(out)
         saved = {k: os.environ.get(k) for k in aws}
         os.environ.update(aws)
         yield aws

@@ -59,3 +59,33 @@ def test_an_unwritable_summary_file_prints_the_result_instead(tmp_path, capsys: 
     out = capsys.readouterr().out
     result, _ = json.JSONDecoder().raw_decode(out[out.index("{"):])
     assert result["rows"] == 20 and "full result: printed above" in out
+
+
+def test_an_error_raised_in_ray_prints_mint_rays_own_line(monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A StorageError from a Ray Data write task arrives as RayTaskError(StorageError), one
+    from an actor's constructor as ActorDiedError (its text only), maybe inside Ray Data's
+    own exception: the person reads the StorageError's line. Anything else keeps its traceback."""
+    from ray.data.exceptions import UserCodeException
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    from mint_ray import cli
+    from mint_ray.errors import StorageError
+
+    message = "s3://b/p/part-00003.parquet: cannot reach the S3 endpoint http://10.0.0.1:7480"
+    in_task = RayTaskError("MapBatches(pair_rows)->Write", "Traceback ...", StorageError(message)).as_instanceof_cause()
+    in_constructor = ActorDiedError(RayTaskError(
+        "MapWorker(MapBatches(TeacherScorer)).__init__",
+        f"Traceback (most recent call last):\n  ...\nmint_ray.errors.StorageError: {message}",
+        StorageError(message)))
+    wrapped = UserCodeException("UDF failed")
+    wrapped.__cause__ = in_constructor
+    assert isinstance(in_task, StorageError) and str(in_task) != message
+    for raised in (in_task, in_constructor, wrapped):
+        monkeypatch.setattr(cli, "run_stage", lambda argv, raised=raised: (_ for _ in ()).throw(raised))
+        assert cli.main(["preferences"]) == 2
+        assert capsys.readouterr().err == f"mint-ray: error: {message}\n"
+    for bug in (ActorDiedError(), KeyError("x")):
+        monkeypatch.setattr(cli, "run_stage", lambda argv, bug=bug: (_ for _ in ()).throw(bug))
+        with pytest.raises(type(bug)):
+            cli.main(["preferences"])

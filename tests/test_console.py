@@ -203,6 +203,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from mint_ray import console
+from mint_ray.ray_cluster import WORKER_SETUP_HOOK
 
 console.setup()
 
@@ -216,7 +217,7 @@ def loop(_):
 
 
 ray.init(num_cpus=1, logging_level=console.ray_log_level(),
-         runtime_env={"worker_process_setup_hook": console.SETUP_HOOK})
+         runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK})
 console.quiet_process()  # as init_ray does once Ray is up
 TorchTrainer(loop, scaling_config=ray.train.ScalingConfig(num_workers=1),
              run_config=ray.train.RunConfig(storage_path=%r)).fit()
@@ -265,9 +266,9 @@ import time
 import ray
 from ray._private.services import canonicalize_bootstrap_address_or_die, find_gcs_addresses
 
-from mint_ray import console
+from mint_ray.ray_cluster import WORKER_SETUP_HOOK
 
-ray.init(num_cpus=1, runtime_env={"worker_process_setup_hook": console.SETUP_HOOK})
+ray.init(num_cpus=1, runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK})
 
 
 @ray.remote

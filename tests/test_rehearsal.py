@@ -21,7 +21,6 @@ them fail with its error; each runs only that step, on the rehearsal's state.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -37,14 +36,14 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import LOCAL, REPO, free_port, plant, repo_copy
+from tests.conftest import LOCAL, REPO, environment, exports, free_port, plant, repo_copy
+from tests.ray_jobs import RAY, submit
 from tools import iam_policy
 
 # The chain runs in the first test's setup: its time counts there.
 pytestmark = [pytest.mark.slow, pytest.mark.s3, pytest.mark.mlflow_server, pytest.mark.timeout(1800)]
 
 RECIPES = REPO / "jobs" / "recipes"
-RAY = str(REPO / ".venv" / "bin" / "ray")
 LIFETIME_S = 3600
 SMALL_RUN = [  # everything but the URIs and names: a 2-core machine, no GPU, tiny models
     "scaling.num_workers=1", "scaling.use_gpu=false", "scaling.cpus_per_worker=1",
@@ -92,22 +91,6 @@ TEACHER_DIR = "models/plip"
 _ENTRY = re.compile(r"python (jobs/\w+\.py) --config jobs/recipes/(\S+)")
 
 
-def submit(address: str, *entrypoint: str, timeout: float = 600, cwd: Path = REPO) -> tuple[str, str]:
-    """`ray job submit` exactly as a user runs it from the checkout ``cwd``; returns (final status, logs)."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    out = subprocess.run([RAY, "job", "submit", "--address", address, "--no-wait", "--working-dir", ".",
-                          "--runtime-env", "cluster/runtime_env.yaml", "--", *entrypoint],
-                         cwd=cwd, check=True, capture_output=True, text=True, timeout=120).stdout
-    job_id = next(w.strip("'") for w in out.split() if w.strip("'").startswith("raysubmit_"))
-    client = JobSubmissionClient(address)
-    deadline = time.time() + timeout
-    while client.get_job_status(job_id) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-        assert time.time() < deadline, f"job {job_id} still running after {timeout}s"
-        time.sleep(2)
-    return str(client.get_job_status(job_id).value), client.get_job_logs(job_id)
-
-
 def entrypoint(recipe: str, overrides: list[str]) -> list[str]:
     """The recipe's own job script (from its header, as its RayJob runs it) plus overrides."""
     m = _ENTRY.search((RECIPES / recipe).read_text())
@@ -134,24 +117,6 @@ def test_the_chain_is_every_prod_recipe_with_sizes_only() -> None:
 
 
 # ---------------------------------------------------------------- services
-
-
-def _exports(text: str) -> dict[str, str]:
-    return dict(line[len("export "):].split("=", 1) for line in text.splitlines() if line.startswith("export "))
-
-
-@contextlib.contextmanager
-def _env(values: dict[str, str]) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 class Rehearsal:
@@ -211,7 +176,7 @@ def _tiny_models(rehearsal: Rehearsal) -> None:
 
     texts = [RARE_DISEASE.system_prompt, RARE_DISEASE.instruction, *TISSUE_TYPES,
              "Clinical note: a child with seizures, hypotonia and short stature."]
-    with _env(rehearsal.s3_as("admin")), tempfile.TemporaryDirectory() as tmp:
+    with environment(rehearsal.s3_as("admin")), tempfile.TemporaryDirectory() as tmp:
         for prefix, kind in BASE_MODELS.items():
             folder = Path(tmp, prefix)
             students.build_tiny_student(kind, texts, folder, students.TinyStudentConfig(vocab_size=512))
@@ -234,7 +199,9 @@ def rehearsal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rehearsal]:
 
     r = Rehearsal(tmp_path_factory.mktemp("rehearsal"))
     ceph, mlflow_state = r.state / "ceph", r.state / "mlflow"
-    ray_state = tmp_path_factory.mktemp("ray")  # short: Ray's socket paths must stay under 108 bytes
+    # Short, whatever pytest's own temp folder is (e.g. under pytest-xdist): Ray's socket
+    # paths must stay under 108 bytes.
+    ray_state = Path(tempfile.mkdtemp(prefix="mint-ray-", dir="/tmp"))
     ports = {"S3_PORT": str(free_port()), "MON_PORT": str(free_port()), "MON2_PORT": str(free_port())}
     s3 = [str(LOCAL / "s3.sh")]
     stops: list[list[str]] = []
@@ -242,12 +209,12 @@ def rehearsal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rehearsal]:
         subprocess.run([*s3, "start", str(ceph), str(LIFETIME_S)], env={**os.environ, **ports}, check=True,
                        timeout=600)
         stops.append([*s3, "stop", str(ceph)])
-        admin = _exports(subprocess.run([*s3, "env", str(ceph)], check=True, capture_output=True,
+        admin = exports(subprocess.run([*s3, "env", str(ceph)], check=True, capture_output=True,
                                         text=True).stdout)
         r.s3 = {k: v for k, v in admin.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
         r.users["admin"] = {k: admin[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
         for user, caps in (("policy-admin", "user-policy=*"), ("ray-job", ""), ("mlflow", "")):
-            r.users[user] = _exports(subprocess.run([*s3, "user", str(ceph), user, *([caps] if caps else [])],
+            r.users[user] = exports(subprocess.run([*s3, "user", str(ceph), user, *([caps] if caps else [])],
                                                     check=True, capture_output=True, text=True).stdout)
         keys = r.users["admin"]
         boto3.client("s3", endpoint_url=r.s3["AWS_ENDPOINT_URL"], region_name="us-east-1",
@@ -285,6 +252,7 @@ def rehearsal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rehearsal]:
     finally:
         for command in reversed(stops):
             subprocess.run(command, check=False, timeout=180)
+        shutil.rmtree(ray_state, ignore_errors=True)
 
 
 def test_a_broken_recipe_fails_its_job_with_the_config_error(rehearsal: Rehearsal) -> None:

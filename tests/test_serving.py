@@ -9,6 +9,7 @@ import json
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -475,3 +476,57 @@ def test_alias_move_switches_version_without_failures(served: Served) -> None:
     # answer; after that no version-1 answer comes back.
     assert "1" not in versions[first_new + 8:], versions
     assert served.text.get("/v1/models").json()["data"][0]["version"] == "2"
+
+
+@pytest.mark.mlflow_server
+def test_a_replica_killed_mid_request_answers_a_retryable_json_error(served: Served) -> None:
+    """Four clients keep the vision app busy; its replica process is killed. A request in
+    flight gets this API's JSON error, a 503 and ``Retry-After`` (never Serve's plain 500
+    with Ray's exception text); Serve starts a new replica and requests succeed again.
+    (Last in the module: the app's replica is a new one afterwards.)"""
+    import psutil
+
+    def replica() -> psutil.Process | None:
+        return next((p for p in psutil.process_iter(["cmdline"])
+                     if any("ServeReplica:vision" in part for part in p.info["cmdline"] or [])), None)
+
+    victim = replica()
+    assert victim is not None
+    results: list[tuple[float, httpx.Response]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(base_url=served.vision.base_url, timeout=120) as c:
+            while not stop.is_set():
+                results.append((time.monotonic(), c.post("/v1/predict", json={"task": "tissue_type",
+                                                                             "image": b64(png())})))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        while len(results) < 8:
+            time.sleep(0.05)
+        assert {r.status_code for _, r in results} == {200}, results[0][1].text
+        victim.kill()
+        killed = time.monotonic()
+        deadline = killed + 120
+        while time.monotonic() < deadline and not any(t > killed + 1 and r.status_code == 200 for t, r in results):
+            time.sleep(0.2)
+        recovered = time.monotonic()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    statuses = Counter(r.status_code for _, r in results)
+    assert set(statuses) <= {200, 503}, statuses
+    failed = [r for _, r in results if r.status_code == 503]
+    assert failed, f"no request was in flight when the replica died: {statuses}"
+    for resp in failed:
+        assert resp.headers["content-type"] == "application/json" and int(resp.headers["retry-after"]) >= 1
+        assert error_code(resp) == "replica_unavailable" and resp.json()["request_id"] == resp.headers["x-request-id"]
+        assert "Ray" not in resp.text and "Traceback" not in resp.text
+    assert any(t > killed and r.status_code == 200 for t, r in results)
+    assert replica() is not None and replica().pid != victim.pid
+    print(f"[faults] serve replica killed with 4 clients busy: {len(failed)} requests got 503 replica_unavailable, "
+          f"answers again {recovered - killed:.1f}s later; {statuses[200]} answered")

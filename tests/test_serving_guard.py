@@ -175,5 +175,92 @@ def test_the_proxy_guard_refuses_header_values_that_are_not_utf8() -> None:
             body = json.loads(sent[1]["body"])
             assert body["error"]["code"] == "invalid_header" and body["error"]["param"] == headers[0][0].decode()
             assert (b"x-request-id", body["request_id"].encode()) in sent[0]["headers"]
-    (middleware,) = middlewares()
-    assert middleware.cls is HeaderGuard
+    assert [m.cls.__name__ for m in middlewares()] == ["ServeErrorShape", "HeaderGuard"]
+
+
+class Answers:
+    """An app standing for Serve's proxy: answers ``status`` with ``headers`` and a body in two parts."""
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        self.status, self.headers, self.body = status, headers, body
+
+    async def __call__(self, scope: dict[str, Any], receive: Any,
+                       send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
+        await send({"type": "http.response.body", "body": self.body[:5], "more_body": True})
+        await send({"type": "http.response.body", "body": self.body[5:]})
+
+
+PLAIN = [(b"content-type", b"text/plain; charset=utf-8"), (b"x-request-id", b"rid-7")]
+JSON = [(b"content-type", b"application/json")]
+
+
+@pytest.mark.parametrize(("status", "headers", "path", "expected", "code", "retry_after"), [
+    # A replica that died mid-request: Serve's plain 500 carrying Ray's exception text.
+    (500, PLAIN, "/vision/v1/predict", 503, "replica_unavailable", b"1"),
+    (502, PLAIN, "/v1/chat/completions", 503, "replica_unavailable", b"1"),
+    (503, [*PLAIN, (b"retry-after", b"3")], "/text/v1/predict", 503, "overloaded", b"3"),  # Serve's backpressure
+    (429, PLAIN, "/text/v1/predict", 503, "overloaded", b"1"),
+    (408, PLAIN, "/text/v1/predict", 408, "request_timeout", b"1"),
+    # Not the proxy's own: an application's JSON, a plain 4xx/2xx, and Serve's health routes.
+    (500, JSON, "/text/v1/predict", 500, None, None),
+    (404, PLAIN, "/nowhere", 404, None, None),
+    (200, PLAIN, "/text/v1/predict", 200, None, None),
+    (503, PLAIN, "/-/healthz", 503, None, None),
+])
+def test_the_proxys_own_errors_get_the_api_shape(status: int, headers: list[tuple[bytes, bytes]], path: str,
+                                                   expected: int, code: str | None, retry_after: bytes | None) -> None:
+    from mint_ray.serving.proxy import ServeErrorShape
+
+    original = b"ray.exceptions.ActorDiedError: The actor died unexpectedly"
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": path, "headers": []}
+    asyncio.run(ServeErrorShape(Answers(status, headers, original))(scope, trickle([], 0), send))
+    assert sent[0]["status"] == expected
+    body = b"".join(m.get("body", b"") for m in sent[1:])
+    if code is None:
+        assert sent[0]["headers"] == headers and body == original
+        return
+    answer = dict(sent[0]["headers"])
+    assert answer[b"content-type"] == b"application/json" and answer[b"retry-after"] == retry_after
+    assert int(answer[b"content-length"]) == len(body)
+    parsed = json.loads(body)
+    assert parsed["error"]["code"] == code and parsed["request_id"] == answer[b"x-request-id"].decode() == "rid-7"
+    assert parsed["error"]["type"] == ("server_error" if expected >= 500 else "invalid_request_error")
+    assert b"ActorDiedError" not in body
+
+
+class Silent:
+    """An app standing for Serve's proxy when the replica died mid-request: it answers
+    nothing (uvicorn would then send its own plain 500), or raises before answering."""
+
+    def __init__(self, raises: bool) -> None:
+        self.raises = raises
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if self.raises:
+            raise RuntimeError("ActorDiedError: the replica died")
+
+
+@pytest.mark.parametrize("raises", [False, True])
+def test_a_proxy_that_answers_nothing_gets_a_retryable_503(raises: bool) -> None:
+    from mint_ray.serving.proxy import ServeErrorShape
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/vision/v1/predict", "headers": [(b"x-request-id", b"c-1")]}
+    if raises:
+        with pytest.raises(RuntimeError):
+            asyncio.run(ServeErrorShape(Silent(raises))(scope, trickle([], 0), send))
+    else:
+        asyncio.run(ServeErrorShape(Silent(raises))(scope, trickle([], 0), send))
+    assert sent[0]["status"] == 503 and dict(sent[0]["headers"])[b"retry-after"] == b"1"
+    body = json.loads(sent[1]["body"])
+    assert body["error"]["code"] == "replica_unavailable" and body["request_id"] == "c-1"

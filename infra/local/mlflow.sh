@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A real MLflow tracking server on 127.0.0.1: SQLite backend store, artifacts
+# A real MLflow tracking server on 127.0.0.1 (or MLFLOW_HOST): SQLite backend store, artifacts
 # proxied by the server to S3 (the local Ceph gateway or any S3 store).
 #
 #   infra/local/mlflow.sh start DIR PORT ARTIFACTS_URI [LIFETIME_S]
@@ -14,22 +14,23 @@ python=${PYTHON:-$here/../../.venv/bin/python}
 
 start() {
   local D; D=$(realpath -m "${1:?DIR}"); local port=${2:?PORT} artifacts=${3:?ARTIFACTS_URI} lifetime=${4:-7200}
+  local host=${MLFLOW_HOST:-127.0.0.1}  # hosts.sh: the bridge's address
   mkdir -p "$D"
   # The job-execution feature starts extra workers (~2 GB, +15 s); not needed here.
   MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false \
   MLFLOW_S3_ENDPOINT_URL=${AWS_ENDPOINT_URL:-} \
   setsid timeout "$lifetime" "$python" -m mlflow server \
     --backend-store-uri "sqlite:///$D/mlflow.db" --artifacts-destination "$artifacts" \
-    --host 127.0.0.1 --port "$port" --workers 1 >"$D/mlflow.out" 2>&1 &
+    --host "$host" --port "$port" --workers 1 >"$D/mlflow.out" 2>&1 &
   echo $! >"$D/mlflow.pid"
   local deadline=$((SECONDS + 120))
-  until curl -sf "http://127.0.0.1:$port/health" >/dev/null 2>&1; do
+  until curl -sf "http://$host:$port/health" >/dev/null 2>&1; do
     if ! kill -0 "$(cat "$D/mlflow.pid")" 2>/dev/null || ((SECONDS > deadline)); then
       echo "mlflow.sh: server did not start; see $D/mlflow.out" >&2; tail -20 "$D/mlflow.out" >&2; return 1
     fi
     sleep 0.5
   done
-  echo "mlflow.sh: MLflow at http://127.0.0.1:$port (artifacts $artifacts)" >&2
+  echo "mlflow.sh: MLflow at http://$host:$port (artifacts $artifacts)" >&2
 }
 
 stop() {

@@ -9,7 +9,7 @@
 #   infra/local/s3.sh user DIR UID [CAPS] # another S3 user; prints its key export lines
 #                                         # (CAPS e.g. "user-policy=*" to put IAM user policies)
 #
-# Ports come from S3_PORT / MON_PORT (defaults 7480 / 6789; the msgr2 port is
+# The gateway listens on S3_HOST (default 127.0.0.1). Ports come from S3_PORT / MON_PORT (defaults 7480 / 6789; the msgr2 port is
 # MON_PORT-3489+... see below) so several instances can run side by side.
 # Every daemon runs under `timeout LIFETIME` so a forgotten instance ends itself.
 set -euo pipefail
@@ -42,6 +42,7 @@ start_daemon() {  # start_daemon NAME COMMAND... ; PID in $D/NAME.pid
 start() {
   D=$(realpath -m "${1:?start needs a directory}")
   LIFETIME=${2:-7200}
+  S3_HOST=${S3_HOST:-127.0.0.1}   # the gateway's address (hosts.sh: the bridge's)
   S3_PORT=${S3_PORT:-7480}
   MON_PORT=${MON_PORT:-6789}
   MON2_PORT=${MON2_PORT:-$((MON_PORT - 3489))}   # 3300 beside the default 6789
@@ -83,7 +84,7 @@ bluestore block create = true
 bluestore block size = 10737418240
 osd memory target = 1073741824
 [client.rgw.a]
-rgw frontends = beast endpoint=127.0.0.1:$S3_PORT
+rgw frontends = beast endpoint=$S3_HOST:$S3_PORT
 rgw data = $D/rgw
 CONF
   export CEPH_CONF=$D/ceph.conf
@@ -121,7 +122,7 @@ CONF
   fi
   mkdir -p "$D/rgw"
   start_daemon rgw radosgw -c "$D/ceph.conf" -f -n client.rgw.a
-  wait_for 120 "the gateway on 127.0.0.1:$S3_PORT" curl -sf "http://127.0.0.1:$S3_PORT"
+  wait_for 120 "the gateway on $S3_HOST:$S3_PORT" curl -sf "http://$S3_HOST:$S3_PORT"
 
   if [[ ! -f $D/credentials ]]; then
     radosgw-admin -c "$D/ceph.conf" user create --uid=mint --display-name=mint \
@@ -129,8 +130,8 @@ CONF
     umask 077
     printf 'AWS_ACCESS_KEY_ID=%s\nAWS_SECRET_ACCESS_KEY=%s\n' "$ACCESS_KEY" "$SECRET_KEY" >"$D/credentials"
   fi
-  echo "http://127.0.0.1:$S3_PORT" >"$D/endpoint"
-  echo "s3.sh: S3 gateway up at http://127.0.0.1:$S3_PORT (state in $D, stops itself after ${LIFETIME}s)" >&2
+  echo "http://$S3_HOST:$S3_PORT" >"$D/endpoint"
+  echo "s3.sh: S3 gateway up at http://$S3_HOST:$S3_PORT (state in $D, stops itself after ${LIFETIME}s)" >&2
 }
 
 print_env() {
