@@ -1,10 +1,11 @@
 """What a person at the terminal sees: quiet infrastructure, progress, closing summaries.
 
 - ``setup`` (the CLI, once per driver) and ``quiet_process`` (every Ray worker process,
-  from ``ray_cluster.setup_worker``, the runtime_env's ``worker_process_setup_hook``) keep mint-ray's own INFO lines and
-  every library's warnings and errors, and drop the INFO chatter of Ray, DeepSpeed,
-  torch and the clients, plus a short list of known-harmless warnings (each with its
-  reason below). ``--verbose`` or ``MINT_RAY_LOG_LEVEL=DEBUG`` brings everything back.
+  from ``ray_cluster.setup_worker``, the runtime_env's ``worker_process_setup_hook``)
+  keep mint-ray's own INFO lines and every library's warnings and errors, and drop the
+  INFO chatter of Ray, DeepSpeed, torch and the clients, plus a short list of
+  known-harmless warnings (each with its reason below). ``--verbose`` or
+  ``MINT_RAY_LOG_LEVEL=DEBUG`` brings everything back.
   Errors are never filtered.
 - ``Progress`` is one stage's progress: a bar when the driver's stdout is a terminal
   (from a Ray worker too, through Ray's driver-side tqdm), otherwise a line every

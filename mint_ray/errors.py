@@ -22,7 +22,6 @@ class StorageError(MintError):
     """A URI that cannot be read or written (missing bucket, bad credentials...)."""
 
 
-
 # How a MintError's class and message end a Ray traceback's text.
 _MINT_ERROR_LINE = re.compile(r"^mint_ray\.errors\.\w+: (.+)$", re.MULTILINE)
 
