@@ -159,7 +159,9 @@ def make_bucket(name_prefix: str = "t") -> str:
     import boto3
 
     name = f"{name_prefix}-{uuid.uuid4().hex[:10]}"
-    boto3.client("s3").create_bucket(Bucket=name)
+    # A session of its own: boto3's default session keeps the first keys it read, and a
+    # module may point this process at another S3 server (the namespaced hosts' own).
+    boto3.session.Session().client("s3").create_bucket(Bucket=name)
     return name
 
 

@@ -487,8 +487,10 @@ def test_a_replica_killed_mid_request_answers_a_retryable_json_error(served: Ser
     import psutil
 
     def replica() -> psutil.Process | None:
-        return next((p for p in psutil.process_iter(["cmdline"])
-                     if any("ServeReplica:vision" in part for part in p.info["cmdline"] or [])), None)
+        """This session's vision replica: a descendant of this process (its raylet's worker),
+        never another test session's on the same machine."""
+        return next((p for p in psutil.Process().children(recursive=True)
+                     if any("ServeReplica:vision" in part for part in p.cmdline())), None)
 
     victim = replica()
     assert victim is not None
