@@ -59,9 +59,11 @@ lint: .venv/.installed
 	.venv/bin/ruff check .
 
 # Two workers, a test module each at a time (its Ray, S3 and MLflow fixtures stay whole):
-# much of a module's time is spent waiting on processes to start, not on the CPU.
+# much of a module's time is spent waiting on processes to start, not on the CPU. The
+# modules go in collection order (tests/conftest.py puts the longest first), not xdist's
+# default of the most tests first.
 test: .venv/.installed .local/.services .local/.ds_ops lint
-	RAY_AUTH_MODE=disabled DS_ACCELERATOR=cpu $(PY) -m pytest -q -ra --durations=15 -n 2 --dist loadfile
+	RAY_AUTH_MODE=disabled DS_ACCELERATOR=cpu $(PY) -m pytest -q -ra --durations=15 -n 2 --dist loadfile --no-loadscope-reorder
 
 bench: .venv/.installed .local/.ds_ops
 	for b in packing training preferences serving; do \

@@ -17,6 +17,7 @@ import asyncio
 import base64
 import json
 import random
+import select
 import time
 import uuid
 from collections import Counter
@@ -127,8 +128,13 @@ async def exchange(port: int, case: Case) -> Result:
         await writer.drain()
 
         async def trickle() -> None:
+            sock = writer.get_extra_info("socket")
             for byte in case.trickle:
                 await asyncio.sleep(case.every_s)
+                # The server has answered (and closed): one more byte would make its kernel
+                # reset the connection, and ours would drop the answer unread.
+                if select.select([sock], [], [], 0)[0]:
+                    return
                 writer.write(bytes([byte]))
                 await writer.drain()
 
