@@ -143,16 +143,10 @@ def s3_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
         out = subprocess.run([str(LOCAL / "s3.sh"), "env", str(state)], env=env, check=True,
                              capture_output=True, text=True).stdout
         aws = exports(out)
-        saved = {k: os.environ.get(k) for k in aws}
-        os.environ.update(aws)
-        yield aws
+        with environment(aws):
+            yield aws
     finally:
         subprocess.run([str(LOCAL / "s3.sh"), "stop", str(state)], env=env, check=False)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 def make_bucket(name_prefix: str = "t") -> str:
