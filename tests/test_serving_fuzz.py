@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import random
 import select
+import socket
 import time
 import uuid
 from collections import Counter
@@ -119,41 +121,51 @@ def parse_response(data: bytes) -> tuple[int | None, dict[str, str], bytes]:
     return status, headers, body
 
 
-async def exchange(port: int, case: Case) -> Result:
-    started = time.monotonic()
-    writer = None
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(case.raw)
-        await writer.drain()
+async def talk(port: int, case: Case, received: bytearray) -> None:
+    """Send ``case`` (its trickle too) and read the answer into ``received`` until the
+    server closes. Plain socket calls, not asyncio streams: a stream drops what it has
+    buffered once the connection is reset, and a server that answers before it has read
+    the whole request resets it when more bytes come (RFC 9112 9.6)."""
+    loop = asyncio.get_running_loop()
+    with socket.socket() as sock:
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        with contextlib.suppress(OSError):  # closed early on purpose: its answer is read below
+            await loop.sock_sendall(sock, case.raw)
 
         async def trickle() -> None:
-            sock = writer.get_extra_info("socket")
             for byte in case.trickle:
                 await asyncio.sleep(case.every_s)
-                # The server has answered (and closed): one more byte would make its kernel
-                # reset the connection, and ours would drop the answer unread.
-                if select.select([sock], [], [], 0)[0]:
+                if select.select([sock], [], [], 0)[0]:  # answered: stop sending
                     return
-                writer.write(bytes([byte]))
-                await writer.drain()
+                await loop.sock_sendall(sock, bytes([byte]))
 
         trickler = asyncio.create_task(trickle())
         try:
-            data = await asyncio.wait_for(reader.read(), DEADLINE_S)
+            while chunk := await loop.sock_recv(sock, 65536):
+                received += chunk
         finally:
             trickler.cancel()
-        status, headers, body = parse_response(data)
-        result = Result(case, status, body, headers, time.monotonic() - started)
-    except (ConnectionError, OSError) as err:  # the server closed on a request it could not parse
-        result = Result(case, None, b"", {}, time.monotonic() - started, type(err).__name__)
+            await asyncio.gather(trickler, return_exceptions=True)
+
+
+async def exchange(port: int, case: Case) -> Result:
+    started = time.monotonic()
+    received = bytearray()
+    error = None
+    try:
+        await asyncio.wait_for(talk(port, case, received), DEADLINE_S)
     except TimeoutError:
-        result = Result(case, None, b"", {}, time.monotonic() - started, "hang")
-    finally:
-        if writer is not None:
-            writer.close()
-    if result.headers.get("content-type", "").startswith("application/json"):
-        result.json = json.loads(result.body)
+        error = "hang"
+    except OSError as err:  # reset: what the server answered before still counts
+        error = type(err).__name__
+    status, headers, body = parse_response(bytes(received))
+    whole = status is not None and (error is None or len(body) == int(headers.get("content-length", -1)))
+    if error == "hang" or not whole:
+        return Result(case, None, b"", {}, time.monotonic() - started, error or "no answer before the close")
+    result = Result(case, status, body, headers, time.monotonic() - started)
+    if headers.get("content-type", "").startswith("application/json"):
+        result.json = json.loads(body)
     return result
 
 

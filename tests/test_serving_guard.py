@@ -15,7 +15,8 @@ import pytest
 from mint_ray.serving.config import RequestLimitsConfig
 from mint_ray.serving.guard import BodyDeadline, RequestGuard
 
-LIMITS = RequestLimitsConfig(max_body_bytes=10_000, body_timeout_s=2, body_grace_s=0.3, min_body_bytes_per_s=2000)
+LIMITS = RequestLimitsConfig(max_body_bytes=10_000, body_timeout_s=2, body_start_timeout_s=0.6, body_grace_s=0.3,
+                            min_body_bytes_per_s=2000)
 
 
 class Recorder:
@@ -53,6 +54,20 @@ def call(chunks: Callable[[], Awaitable[dict[str, Any]]], headers: list[tuple[by
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
     parsed = json.loads(body) if status not in (None, 200) else None
     return status, parsed, elapsed, app
+
+
+def chain(*receives: Callable[[], Awaitable[dict[str, Any]]]) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """Parts from each ``trickle`` in turn (each ends with more to come but the last)."""
+    left = list(receives)
+
+    async def receive() -> dict[str, Any]:
+        message = await left[0]()
+        if not message.get("more_body", False) and len(left) > 1:
+            left.pop(0)
+            return {**message, "more_body": True}
+        return message
+
+    return receive
 
 
 def trickle(parts: list[bytes], every_s: float, then: str = "end") -> Callable[[], Awaitable[dict[str, Any]]]:
@@ -95,9 +110,51 @@ def test_a_trickling_body_gets_408_after_the_grace(then: str) -> None:
     assert elapsed < 1.0
 
 
-def test_a_body_that_never_comes_gets_408() -> None:
+def test_a_body_that_never_comes_gets_408_at_the_start_timeout() -> None:
     status, body, elapsed, _ = call(trickle([], 0, "stall"))
-    assert status == 408 and body is not None and elapsed < 1.0
+    assert status == 408 and body is not None and 0.55 < elapsed < 1.0
+
+
+def test_a_body_late_from_the_proxy_is_read() -> None:
+    """The first part comes 0.5 s after the request (Ray's hop from the proxy on a busy
+    node), past the 0.3 s grace: the rate counts from that part, so the body is read."""
+    status, _, elapsed, app = call(chain(trickle([b"a" * 300], 0.5), trickle([b"b" * 300], 0.1)))
+    assert status == 200 and app.bodies == [b"a" * 300 + b"b" * 300] and elapsed > 0.6
+
+
+def test_a_late_first_part_then_a_trickle_is_cut_at_the_grace_from_that_part() -> None:
+    late_then_slow = trickle([b"{"], 0.5)
+    status, body, elapsed, _ = call(chain(late_then_slow, trickle([b"x"] * 100, 0.1)))
+    assert status == 408 and body is not None and body["error"]["code"] == "body_timeout"
+    assert 0.75 < elapsed < 1.3  # 0.5 s to the first part, then the 0.3 s grace
+
+
+def test_a_part_that_came_while_the_replica_was_stalled_is_read() -> None:
+    """Like Serve's receive: a fetch task puts parts on a queue that ``receive`` reads.
+    The part lands at 0.2 s, but the event loop is blocked from 0.1 s to 1.1 s (a thread
+    holding the GIL), past the 0.6 s start timeout: it must still be read, not refused."""
+    async def run() -> tuple[int | None, float, Recorder]:
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+        async def fetch() -> None:
+            await asyncio.sleep(0.2)
+            queue.put_nowait({"type": "http.request", "body": b"{}", "more_body": False})
+
+        fetcher = asyncio.create_task(fetch())
+        asyncio.get_running_loop().call_later(0.1, time.sleep, 1.0)
+        app, sent = Recorder(), []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        started = time.monotonic()
+        await RequestGuard(app, None, LIMITS)({"type": "http", "method": "POST", "path": "/", "headers": []},
+                                              queue.get, send)
+        await fetcher
+        return next(m["status"] for m in sent if m["type"] == "http.response.start"), time.monotonic() - started, app
+
+    status, elapsed, app = asyncio.run(run())
+    assert status == 200 and app.bodies == [b"{}"] and elapsed > 1.0
 
 
 def test_a_steady_body_still_ends_at_body_timeout_s() -> None:
@@ -148,13 +205,21 @@ def test_the_key_is_checked_before_any_body_is_read() -> None:
 
 def test_body_deadline_arithmetic() -> None:
     now = [100.0]
-    deadline = BodyDeadline(timeout_s=30, grace_s=2, min_rate=1000, clock=lambda: now[0])
-    assert deadline.wait_s(0) == 2  # nothing yet: the grace
+    deadline = BodyDeadline(timeout_s=30, start_s=10, grace_s=2, min_rate=1000, clock=lambda: now[0])
+    assert deadline.wait_s(0) == 10  # nothing yet: the start timeout
+    now[0] = 104
+    assert deadline.wait_s(0) == 6
+    deadline.part_arrived()  # at 104: the rate counts from here
+    assert deadline.wait_s(0) == 2  # the grace
     assert deadline.wait_s(5000) == 7  # 5000 bytes buy 5 s at 1000 bytes/s
-    now[0] = 110
+    deadline.part_arrived()  # later parts move nothing
+    now[0] = 114
     assert deadline.wait_s(5000) == -3  # too late
-    assert deadline.wait_s(10**9) == 20  # fast enough: body_timeout_s is the bound
-    assert BodyDeadline(timeout_s=5, grace_s=0, min_rate=0, clock=lambda: 0.0).wait_s(0) == 5
+    assert deadline.wait_s(10**9) == 16  # fast enough: body_timeout_s is the bound
+    no_rate = BodyDeadline(timeout_s=5, start_s=9, grace_s=0, min_rate=0, clock=lambda: 0.0)
+    assert no_rate.wait_s(0) == 5
+    no_rate.part_arrived()
+    assert no_rate.wait_s(0) == 5
 
 
 def test_the_proxy_guard_refuses_header_values_that_are_not_utf8() -> None:

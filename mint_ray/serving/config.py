@@ -35,11 +35,14 @@ class RequestLimitsConfig(StrictModel):
     max_body_bytes: int = Field(8 * 2**20, gt=0)
     max_note_chars: int = Field(MAX_NOTE_CHARS, gt=0)  # the preference build quarantines longer notes
     max_prompt_tokens: int | None = Field(None, gt=0)
-    # A body must arrive within body_timeout_s, and after the first body_grace_s at
-    # min_body_bytes_per_s on average, or the request gets a 408: a replica's request
-    # slots (max_ongoing_requests) are held while a body is read, so a client
-    # trickling bytes must not keep one for long.
+    # A body must arrive in time or the request gets a 408, because a replica's
+    # request slots (max_ongoing_requests) are held while a body is read: its first
+    # part within body_start_timeout_s (this includes Ray's hop from the proxy to the
+    # replica, seconds on a busy node), then min_body_bytes_per_s on average from that
+    # part on after body_grace_s (a trickling client holds a slot for about the
+    # grace), all of it within body_timeout_s.
     body_timeout_s: float = Field(30, gt=0)
+    body_start_timeout_s: float = Field(10, gt=0)
     body_grace_s: float = Field(2, ge=0)
     min_body_bytes_per_s: int = Field(16 * 1024, ge=0)
     max_image_bytes: int = Field(ImageLimits.max_bytes, gt=0)
