@@ -372,7 +372,7 @@ def with_text_ceiling(prefs: str, teacher: Path, n_right: int) -> None:
     cases beside it: the truth first for the first ``n_right`` cases, never listed after."""
     import pyarrow.parquet as pq
 
-    from mint_ray.teachers.train import TEXT_CEILING_FILE, TEXT_CEILING_SCHEMA
+    from mint_ray.teachers.knowledge import TEXT_CEILING_FILE, TEXT_CEILING_SCHEMA
 
     manifest = storage.require_manifest(prefs)
     table = storage.read_dataset(prefs)
@@ -391,7 +391,7 @@ def with_text_ceiling(prefs: str, teacher: Path, n_right: int) -> None:
 def test_text_ceiling_arm_answers_from_the_rankings_beside_the_teacher(tmp_path: Path) -> None:
     """The text-only ceiling is scored like the teacher: no model, no generation, its rankings
     read from ``<teacher>/text_ceiling.parquet`` (the teacher stage writes it)."""
-    from mint_ray.teachers.train import TEXT_CEILING_FILE
+    from mint_ray.teachers.knowledge import TEXT_CEILING_FILE
 
     prefs, teacher = str(tmp_path / "prefs"), tmp_path / "teacher"
     write_prefs(prefs, "rare_disease", n_test=4)

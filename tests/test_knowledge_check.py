@@ -1,7 +1,7 @@
 """The text-only ceiling and the knowledge-available check, without Ray.
 
 The classifier is fitted on a generated cohort's notes; the verdict and the stage's
-decision (``teachers.train.knowledge_summary``) get hand-made numbers on both sides of
+decision (``teachers.knowledge.knowledge_summary``) get hand-made numbers on both sides of
 the margin. The stage run itself is tested in test_teachers.py.
 """
 
@@ -17,8 +17,9 @@ from mint_ray import storage
 from mint_ray.config import build_config
 from mint_ray.data import synth
 from mint_ray.errors import MintError
+from mint_ray.teachers.config import Config
+from mint_ray.teachers.knowledge import knowledge_metrics, knowledge_summary
 from mint_ray.teachers.protocol import top_k_accuracy
-from mint_ray.teachers.train import Config, knowledge_metrics, knowledge_summary
 from mint_ray.text_baseline import fit_text_classifier, knowledge_verdict, ranked_labels
 
 

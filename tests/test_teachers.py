@@ -33,18 +33,13 @@ from mint_ray.teachers import (
     top_k_accuracy,
 )
 from mint_ray.teachers.clip import ClipSettings, build_tiny_clip, contrastive_loss
+from mint_ray.teachers.cohort import read_cases, shard_positions
+from mint_ray.teachers.config import Config
 from mint_ray.teachers.fusion import FusionSettings, FusionTeacher
+from mint_ray.teachers.knowledge import TEXT_CEILING_FILE, TEXT_CEILING_SCHEMA
 from mint_ray.teachers.loader import read_spec
 from mint_ray.teachers.protocol import SPEC_FILE
-from mint_ray.teachers.train import (
-    TEXT_CEILING_FILE,
-    TEXT_CEILING_SCHEMA,
-    Config,
-    _user_error,
-    read_cases,
-    run,
-    shard_positions,
-)
+from mint_ray.teachers.train import _user_error, run
 from mint_ray.tokenizer import train_tokenizer
 
 # Rare disease: label i = (colour i // 2) x (word group i % 2), so top-1 needs both

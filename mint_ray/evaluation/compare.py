@@ -219,7 +219,7 @@ def prepare_arms(cfg: Config, test: TestSet, tracking_uri: str
 def text_ceiling_rankings(test: TestSet) -> dict[str, list[str]]:
     """The text-only ceiling's rankings of the test cases, saved beside the teacher that made
     the pairs (``mint-ray teacher train`` with its knowledge check on)."""
-    from mint_ray.teachers.train import TEXT_CEILING_FILE
+    from mint_ray.teachers.knowledge import TEXT_CEILING_FILE
 
     teacher_uri = (test.manifest.meta.get("teacher") or {}).get("uri")
     if not teacher_uri:

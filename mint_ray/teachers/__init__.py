@@ -4,7 +4,8 @@
 ``TeacherSpec``); ``loader`` finds a kind by name and loads or saves a teacher
 folder, or only its CPU side; ``inputs`` is each kind's CPU side (tokenising,
 resizing, normalising: no weights, no torch); ``fusion`` and ``clip`` are the
-kinds' models; ``train`` is the ``mint-ray teacher train`` stage.
+kinds' models; ``train`` is the ``mint-ray teacher train`` stage (with its
+``config``, ``cohort`` checks and ``knowledge`` check).
 Torch and transformers are imported by the kind modules, on first use.
 """
 
