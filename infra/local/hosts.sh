@@ -231,14 +231,19 @@ stop() {
     [[ $pid == "$$" ]] || kill "$pid" 2>/dev/null || true
     rm -f "$D/watchdog.pid"
   fi
+  # Every node is told at once, then given 10 s in all: one after the other, each
+  # node's Ray would take its own grace.
+  local pids=()
   for pidfile in "$D"/node-*.pid; do
     [[ -f $pidfile ]] || continue
-    pid=$(cat "$pidfile")
-    kill -TERM -- "-$pid" 2>/dev/null || true
+    pids+=("$(cat "$pidfile")")
+    kill -TERM -- "-${pids[-1]}" 2>/dev/null || true
+  done
+  for pid in "${pids[@]}"; do
     for _ in $(seq 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
     kill -KILL -- "-$pid" 2>/dev/null || true
-    rm -f "$pidfile"
   done
+  rm -f "$D"/node-*.pid
   [[ -d $D/mlflow ]] && "$here/mlflow.sh" stop "$D/mlflow"
   [[ -d $D/s3 ]] && "$here/s3.sh" stop "$D/s3"
   if [[ -f $D/created ]]; then  # namespaces first (their veth ends go with them), the bridge last
