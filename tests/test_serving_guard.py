@@ -129,31 +129,32 @@ def test_a_late_first_part_then_a_trickle_is_cut_at_the_grace_from_that_part() -
     assert 0.75 < elapsed < 1.3  # 0.5 s to the first part, then the 0.3 s grace
 
 
+def fetched_during_a_stall() -> Callable[[], Awaitable[dict[str, Any]]]:
+    """Like Serve's receive: a fetch task puts the part on a queue that ``receive`` reads.
+    The part lands 0.2 s after the first receive, but the event loop is blocked from
+    0.1 s to 1.1 s (a thread holding the GIL)."""
+    queue: asyncio.Queue[dict[str, Any]] | None = None
+    fetchers: list[asyncio.Task[None]] = []  # a reference, or the task may be collected
+
+    async def fetch() -> None:
+        await asyncio.sleep(0.2)
+        assert queue is not None
+        queue.put_nowait({"type": "http.request", "body": b"{}", "more_body": False})
+
+    async def receive() -> dict[str, Any]:
+        nonlocal queue
+        if queue is None:
+            queue = asyncio.Queue()
+            fetchers.append(asyncio.create_task(fetch()))
+            asyncio.get_running_loop().call_later(0.1, time.sleep, 1.0)
+        return await queue.get()
+
+    return receive
+
+
 def test_a_part_that_came_while_the_replica_was_stalled_is_read() -> None:
-    """Like Serve's receive: a fetch task puts parts on a queue that ``receive`` reads.
-    The part lands at 0.2 s, but the event loop is blocked from 0.1 s to 1.1 s (a thread
-    holding the GIL), past the 0.6 s start timeout: it must still be read, not refused."""
-    async def run() -> tuple[int | None, float, Recorder]:
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-
-        async def fetch() -> None:
-            await asyncio.sleep(0.2)
-            queue.put_nowait({"type": "http.request", "body": b"{}", "more_body": False})
-
-        fetcher = asyncio.create_task(fetch())
-        asyncio.get_running_loop().call_later(0.1, time.sleep, 1.0)
-        app, sent = Recorder(), []
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
-
-        started = time.monotonic()
-        await RequestGuard(app, None, LIMITS)({"type": "http", "method": "POST", "path": "/", "headers": []},
-                                              queue.get, send)
-        await fetcher
-        return next(m["status"] for m in sent if m["type"] == "http.response.start"), time.monotonic() - started, app
-
-    status, elapsed, app = asyncio.run(run())
+    """Past the 0.6 s start timeout when the loop runs again, the part must still be read, not refused."""
+    status, _, elapsed, app = call(fetched_during_a_stall())
     assert status == 200 and app.bodies == [b"{}"] and elapsed > 1.0
 
 
